@@ -1,0 +1,1 @@
+"""The conformance suite: judges adapters against the golden vectors."""

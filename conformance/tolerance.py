@@ -1,0 +1,123 @@
+"""The tolerance policy: how far from the float64 truth an implementation may be.
+
+A fixed atol/rtol is the weakest practice in the field: too loose for float64, too tight
+for a long bfloat16 reduction, and silently re-tuned until tests pass. This policy follows
+FlashAttention's rule instead, anchored per case and per dtype:
+
+    max_abs_err <= k * (baseline[dtype] + floor)
+
+* ``baseline[dtype]`` is the error of the reference itself computed in that dtype
+  (inputs exact in the dtype, products accumulated in float32 for the half types, every
+  step rounded back to the dtype; ``vectors/generate.py``), measured by the generator
+  against float64 and stored in the case file. An implementation may be ``k`` (default 2)
+  times as inexact as the straightforward computation in its own precision, no more.
+* ``floor`` = ``eps(dtype) / 2 * max|expected|`` + ``eps64 * sqrt(terms) * magnitude``.
+  The first term is half a unit in the last place of the largest value: the exact answer
+  correctly rounded to the dtype may be that far off, even where the emulated baseline
+  happened to be exact (a single key gives weights of exactly 1). The second term is the float64
+  reference's own uncertainty: rounding error in a length-n reduction grows like
+  ``sqrt(n) * eps * (|x| . |y|)`` (Higham and Mary's probabilistic bound), with the
+  magnitudes and term counts from ``impls.reference.error_scales``. For float64 the
+  baseline is zero by construction and this term carries the rule: an implementation
+  that sums in another order errs by ~1e-16 relative and passes with a margin of about
+  1000; one with a single float32 step errs by ~1e-7 relative and fails.
+
+NaN or Inf where the truth is finite always fails, as does a wrong shape or dtype. Rows
+with no allowed key are part of the truth (zeros), so a NaN there fails like any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+#: Machine epsilon per dtype name (bfloat16 keeps 8 significant bits).
+EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+DEFAULT_K = 2.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judgement of one tensor, with every figure a report needs."""
+
+    tensor: str
+    passed: bool
+    problem: str  # "" when passed, else "shape", "dtype", "nonfinite" or "tolerance"
+    max_abs_err: float
+    max_rel_err: float  # max_abs_err / max|expected|
+    worst_index: tuple[int, ...] | None
+    actual_at_worst: float | None
+    expected_at_worst: float | None
+    baseline: float
+    floor: float
+    tolerance: float
+    ratio: float  # max_abs_err / (baseline + floor); passes when <= k
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One or two sentences saying what differs and by how much."""
+        if self.problem in ("shape", "dtype"):
+            return f"{self.tensor}: {self.actual_at_worst}"
+        where = "" if self.worst_index is None else f" at index {list(self.worst_index)}"
+        head = (
+            f"{self.tensor}: non-finite value{where} (got {self.actual_at_worst}, expected "
+            f"{self.expected_at_worst})"
+            if self.problem == "nonfinite"
+            else f"{self.tensor}: max abs err {self.max_abs_err:.3e}{where} (got "
+            f"{self.actual_at_worst:.6g}, expected {self.expected_at_worst:.6g})"
+        )
+        return (
+            f"{head}; max rel err {self.max_rel_err:.3e}; {self.ratio:.3g}x the precision "
+            f"baseline+floor {self.baseline + self.floor:.3e}; tolerance {self.tolerance:.3e}"
+        )
+
+
+def floor(dtype: str, expected_max: float, error_scale: dict[str, float]) -> float:
+    """Half an ulp of the largest expected value plus the float64 reference's uncertainty."""
+    reference_uncertainty = EPS["float64"] * np.sqrt(error_scale["terms"]) * error_scale["magnitude"]
+    return EPS[dtype] / 2 * expected_max + float(reference_uncertainty)
+
+
+def judge(
+    actual: Any,
+    expected: np.ndarray,
+    *,
+    tensor: str,
+    dtype: str,
+    baseline: float,
+    error_scale: dict[str, float],
+    k: float = DEFAULT_K,
+) -> Verdict:
+    """Judge ``actual`` (an implementation's result in ``dtype``) against the float64 truth."""
+    expected = np.asarray(expected, dtype=np.float64)
+    emax = float(np.max(np.abs(expected), initial=0.0))
+    flo = floor(dtype, emax, error_scale)
+    tol = k * (baseline + flo)
+
+    def verdict(problem: str, err: float = float("inf"), index=None, got=None, want=None) -> Verdict:
+        ratio = err / (baseline + flo) if baseline + flo > 0 else (0.0 if err == 0 else float("inf"))
+        rel = err / emax if emax > 0 else (0.0 if err == 0 else float("inf"))
+        return Verdict(tensor, problem == "", problem, err, rel, index, got, want, baseline, flo, tol, ratio)
+
+    shape = getattr(actual, "shape", None)
+    if shape != expected.shape:
+        got = list(shape) if shape is not None else f"a {type(actual).__name__}, not an array"
+        return verdict("shape", got=f"shape {got}, expected {list(expected.shape)}")
+    actual_dtype = str(getattr(actual, "dtype", type(actual).__name__))
+    if actual_dtype != dtype:
+        return verdict("dtype", got=f"dtype {actual_dtype}, expected {dtype}")
+    a = np.asarray(actual).astype(np.float64)
+    bad = ~np.isfinite(a) & np.isfinite(expected)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        return verdict("nonfinite", index=idx, got=float(a[idx]), want=float(expected[idx]))
+    diff = np.abs(a - expected)
+    if diff.size == 0:
+        return verdict("", 0.0)
+    idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
+    err = float(diff[idx])
+    return verdict("" if err <= tol else "tolerance", err, idx, float(a[idx]), float(expected[idx]))

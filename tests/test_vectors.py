@@ -1,0 +1,99 @@
+"""The golden-vector store: catalogue coverage, determinism, and verify catching damage."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vectors import golden
+from vectors.catalogue import CASES
+from vectors.generate import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+IDS = [c["id"] for c in CASES]
+
+
+def run_vectors(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vectors", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_catalogue_is_broad_and_named():
+    assert len(IDS) >= 40 and len(set(IDS)) == len(IDS)
+    by_id = {c["id"]: c for c in CASES}
+    wrapper = by_id["seed_wrapper_stacked_causal_heads_noproj_b2_t6_din3_h2_hd2"]
+    assert (wrapper["batch"], wrapper["q_len"], wrapper["d_out"], wrapper["out_proj"]) == (2, 6, 4, False)
+    gpt = by_id["seed_gpt_causal_d512_h8_hd64_noqkvbias"]
+    assert (gpt["d_out"], gpt["num_heads"], gpt["qkv_bias"], gpt["causal"]) == (512, 8, False, True)
+    assert any(c["num_heads"] == 96 for c in CASES)
+    assert any(c["q_len"] >= 512 for c in CASES)
+    assert any(c["num_kv_heads"] == 1 for c in CASES) and any(
+        1 < c["num_kv_heads"] < c["num_heads"] for c in CASES
+    )
+    assert any(c["causal"] and c["q_len"] < c["kv_len"] for c in CASES)
+    assert any(c["head_dim"] == 1 for c in CASES) and any(c["scale"] is not None for c in CASES)
+    assert any(c["kdim"] != c["d_in"] for c in CASES)
+
+
+def test_committed_vectors_verify():
+    result = run_vectors("verify", "-q")
+    assert result.returncode == 0, result.stderr
+    sizes = sum(p.stat().st_size for p in (ROOT / "vectors").glob("*.safetensors"))
+    assert sizes < 50e6
+
+
+def test_every_case_loads_with_its_flags():
+    for cid in golden.case_ids():
+        case = golden.load_case(cid)
+        has_empty_row = not case.tensors["attn_weights"].sum(axis=-1).all()
+        assert case.spec["fully_masked_rows"] == has_empty_row, cid
+        assert all(
+            np.isfinite(case.tensors[n]).all() for n in ["output", "attn_weights", *case.spec["gradients"]]
+        )
+
+
+def test_generate_twice_gives_identical_bytes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    generate(a)
+    generate(b)
+    for path in sorted(a.iterdir()):
+        assert path.read_bytes() == (b / path.name).read_bytes(), path.name
+    # and the committed files are what the generator makes
+    assert (a / golden.MANIFEST).read_text() == (ROOT / "vectors" / golden.MANIFEST).read_text()
+
+
+@pytest.fixture
+def vector_copy(tmp_path):
+    dest = tmp_path / "vectors"
+    shutil.copytree(ROOT / "vectors", dest, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    return dest
+
+
+def test_verify_catches_a_flipped_byte(vector_copy):
+    victim = vector_copy / "mask_random_per_head.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    result = run_vectors("verify", "-q", "--root", str(vector_copy))
+    assert result.returncode == 1
+    assert "case mask_random_per_head" in result.stderr and "sha256" in result.stderr
+
+
+def test_verify_catches_a_missing_file(vector_copy):
+    (vector_copy / "gqa_h8_kv2.safetensors").unlink()
+    result = run_vectors("verify", "-q", "--root", str(vector_copy))
+    assert result.returncode == 1
+    assert "case gqa_h8_kv2" in result.stderr and "missing" in result.stderr
+
+
+def test_load_rejects_a_truncated_file_before_parsing(vector_copy):
+    victim = vector_copy / "bias_none.safetensors"
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(golden.VectorError, match="case bias_none"):
+        golden.load_case("bias_none", vector_copy)

@@ -1,0 +1,1 @@
+"""Golden vectors: catalogue, generator, loader and the committed case files."""

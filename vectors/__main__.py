@@ -1,0 +1,40 @@
+"""``python -m vectors generate|verify``: write or check the golden vectors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from vectors import golden
+from vectors.generate import generate
+from vectors.verify import verify
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vectors", description=__doc__)
+    parser.add_argument("command", choices=["generate", "verify"])
+    parser.add_argument("--root", type=Path, default=golden.VECTORS_DIR, help="vector folder")
+    parser.add_argument("--case", action="append", help="generate only this case (repeatable)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no per-case progress")
+    args = parser.parse_args(argv)
+    say = None if args.quiet else (lambda line: print(line, flush=True))
+    start = time.perf_counter()
+    if args.command == "generate":
+        manifest = generate(args.root, only=args.case, progress=say)
+        total = sum(e["bytes"] for e in manifest["cases"].values())
+        print(
+            f"wrote {len(manifest['cases'])} cases, {total / 1e6:.1f} MB, "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
+        return 0
+    problems = verify(args.root, progress=say)
+    for line in problems:
+        print(f"ERROR: {line}", file=sys.stderr)
+    print(f"verify: {len(problems)} problem(s) in {time.perf_counter() - start:.1f} s")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

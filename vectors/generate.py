@@ -1,0 +1,169 @@
+"""Build each catalogue case's inputs, run the reference, measure the precision baselines.
+
+Generation is deterministic: a case's random numbers come from ``np.random.default_rng``
+seeded by the sha256 of its id, so the same catalogue always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from impls import reference
+from vectors import golden
+from vectors.catalogue import CASES
+
+#: What the baselines emulate, stored with each case so a reader knows what was measured.
+EMULATION = (
+    "Inputs and weights are exactly representable in every listed dtype (no rounding on "
+    "cast). Each step (Q/K/V projections with bias, scaled scores, softmax weights, "
+    "context, output projection with bias) is computed in the accumulation dtype "
+    "(float32 for float16/bfloat16, else the dtype itself) and its result rounded to the "
+    "dtype. The softmax subtracts the row max, exponentiates and normalises in the "
+    "accumulation dtype. Baseline = max |emulated - float64| per tensor."
+)
+
+
+def case_seed(case_id: str) -> int:
+    """A stable 64-bit seed from the case id (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:8], "little")
+
+
+def representable(x: np.ndarray, dtypes: list[str]) -> np.ndarray:
+    """Round ``x`` to values every listed dtype holds exactly; returned as float32.
+
+    bfloat16 keeps 8 significant bits and float16 11, so a bfloat16 value inside float16's
+    normal range is a float16 value too. Below that range (|x| < 2**-14) float16 has
+    coarser subnormals, so such values are flushed to zero when float16 is listed.
+    """
+    x = np.asarray(x, dtype=np.float64).astype(np.float32)
+    if "bfloat16" in dtypes:
+        x = reference.round_to_bfloat16(x)
+    if "float16" in dtypes:
+        x = np.where(np.abs(x) < 2.0**-14, np.float32(0), x).astype(np.float16).astype(np.float32)
+    return x
+
+
+def build_mask(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray | None:
+    """The boolean mask (True = may attend) that the spec's ``mask`` entry describes.
+
+    Kinds: ``key_padding`` (per batch row a valid key length, at least 1, the first row
+    full length), ``random`` (each entry kept with probability ``keep``), ``diagonal``
+    (query i sees key i), ``masked_rows`` (the listed query rows see nothing), and
+    ``masked_batch`` (one batch row sees nothing).
+    """
+    m = spec["mask"]
+    if m is None:
+        return None
+    shape = tuple(m["shape"])
+    tq, tk = spec["q_len"], spec["kv_len"]
+    kind = m["kind"]
+    if kind == "key_padding":
+        lengths = rng.integers(1, tk + 1, size=shape[0])
+        lengths[0] = tk
+        mask = np.arange(tk)[None, :] < lengths[:, None]
+        return mask.reshape(shape)
+    if kind == "random":
+        return rng.random(shape) < m["keep"]
+    if kind == "diagonal":
+        return np.broadcast_to(np.eye(tq, tk, dtype=bool), shape).copy()
+    if kind == "masked_rows":
+        mask = np.ones(shape, dtype=bool)
+        mask[..., m["rows"], :] = False
+        return mask
+    if kind == "masked_batch":
+        mask = np.ones(shape, dtype=bool)
+        mask[m["batch_row"]] = False
+        return mask
+    raise ValueError(f"case {spec['id']}: unknown mask kind {kind!r} in vectors/catalogue.py")
+
+
+def build_inputs(spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Inputs, weights, biases, mask and ``grad_output`` for one case."""
+    rng = np.random.default_rng(case_seed(spec["id"]))
+    dt = spec["dtypes"]
+    b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
+    h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
+    xs, ws = spec["input_scale"], spec["weight_scale"]
+
+    def normal(shape: tuple[int, ...], std: float) -> np.ndarray:
+        return representable(rng.standard_normal(shape) * std, dt)
+
+    t: dict[str, np.ndarray] = {}
+    t["query"] = normal((b, tq, spec["d_in"]), xs)
+    if spec["self_attention"]:
+        t["key"] = t["value"] = t["query"]
+    else:
+        t["key"] = normal((b, tk, spec["kdim"]), xs)
+        t["value"] = normal((b, tk, spec["vdim"]), xs)
+    # Weights scaled by 1/sqrt(fan_in) keep activations O(input_scale), as in trained models.
+    widths = {"q": (spec["d_in"], h * hd), "k": (spec["kdim"], hkv * hd), "v": (spec["vdim"], hkv * hdv)}
+    if spec["out_proj"]:
+        widths["o"] = (h * hdv, spec["d_out"])
+    for short, (fan_in, fan_out) in widths.items():
+        t[f"w_{short}"] = normal((fan_in, fan_out), ws / np.sqrt(fan_in))
+        if spec["out_bias"] if short == "o" else spec["qkv_bias"]:
+            t[f"b_{short}"] = normal((fan_out,), 0.1 * xs * ws)
+    mask = build_mask(spec, rng)
+    if mask is not None:
+        t["mask"] = mask
+    t["grad_output"] = normal((b, tq, spec["d_out"]), 1.0)
+    return t
+
+
+def baselines(spec: dict[str, Any], tensors: dict[str, np.ndarray], truth: reference.Forward) -> dict:
+    """Per dtype, the reference's own error in that dtype, plus the error magnitudes."""
+    out: dict[str, Any] = {"emulation": EMULATION, "error_scale": reference.error_scales(tensors, spec)}
+    for dtype in spec["dtypes"]:
+        emulated = reference.forward(tensors, spec, reference.PRECISIONS[dtype])
+        errs = {}
+        for name in ("output", "attn_weights"):
+            err = float(np.max(np.abs(getattr(emulated, name) - getattr(truth, name)), initial=0.0))
+            if not np.isfinite(err):
+                raise ValueError(
+                    f"case {spec['id']}: the {dtype} emulation of {name} is not finite; "
+                    f"drop {dtype} from the case's dtypes in vectors/catalogue.py"
+                )
+            errs[name] = err
+        out[dtype] = errs
+    return out
+
+
+def case_tensors(spec: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
+    """Everything a case file holds: tensors, and the baseline record."""
+    tensors = build_inputs(spec)
+    truth = reference.forward(tensors, spec)
+    grads = reference.backward(tensors, spec, tensors["grad_output"])
+    spec["fully_masked_rows"] = bool((~truth.allowed.any(axis=-1)).any())
+    tensors["output"] = truth.output
+    tensors["attn_weights"] = truth.attn_weights
+    tensors.update({name: grads[name] for name in spec["gradients"]})
+    return tensors, baselines(spec, tensors, truth)
+
+
+def generate(
+    root: Path = golden.VECTORS_DIR,
+    only: list[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Write every case file and ``MANIFEST.json``; return the manifest."""
+    manifest = {"format_version": golden.FORMAT_VERSION, "cases": {}}
+    old = golden.read_manifest(root) if only else None
+    for n, case_spec in enumerate(CASES, 1):
+        spec = dict(case_spec)
+        cid = spec["id"]
+        if only and cid not in only:
+            manifest["cases"][cid] = old["cases"][cid]
+            continue
+        tensors, baseline = case_tensors(spec)
+        path = golden.write_case(root, spec, tensors, baseline)
+        manifest["cases"][cid] = golden.manifest_entry(path)
+        if progress:
+            progress(f"[{n}/{len(CASES)}] {cid} ({path.stat().st_size / 1e6:.2f} MB)")
+    (root / golden.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
