@@ -28,7 +28,7 @@ with no allowed key are part of the truth (zeros), so a NaN there fails like any
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,8 @@ class Verdict:
     floor: float
     tolerance: float
     ratio: float  # max_abs_err / (baseline + floor); passes when <= k
+    nonfinite: int = 0  # how many values are NaN/Inf where the truth is finite
+    where_over: str = ""  # which batch rows, heads, queries, keys or features are out of tolerance
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,17 +65,54 @@ class Verdict:
         if self.problem in ("shape", "dtype"):
             return f"{self.tensor}: {self.actual_at_worst}"
         where = "" if self.worst_index is None else f" at index {list(self.worst_index)}"
+        if self.problem == "nonfinite":
+            return (
+                f"{self.tensor}: {self.nonfinite} non-finite value(s), first{where} (got "
+                f"{self.actual_at_worst}, expected {self.expected_at_worst})"
+            )
         head = (
-            f"{self.tensor}: non-finite value{where} (got {self.actual_at_worst}, expected "
-            f"{self.expected_at_worst})"
-            if self.problem == "nonfinite"
-            else f"{self.tensor}: max abs err {self.max_abs_err:.3e}{where} (got "
+            f"{self.tensor}: max abs err {self.max_abs_err:.3e}{where} (got "
             f"{self.actual_at_worst:.6g}, expected {self.expected_at_worst:.6g})"
         )
+        tail = f"\n    {self.where_over}" if self.where_over else ""
         return (
             f"{head}; max rel err {self.max_rel_err:.3e}; {self.ratio:.3g}x the precision "
-            f"baseline+floor {self.baseline + self.floor:.3e}; tolerance {self.tolerance:.3e}"
+            f"baseline+floor {self.baseline + self.floor:.3e}; tolerance {self.tolerance:.3e}{tail}"
         )
+
+
+AXES = {"output": ("batch", "query", "feature"), "attn_weights": ("batch", "head", "query", "key")}
+
+
+def _ranges(values: np.ndarray, size: int) -> str:
+    """[0, 1, 2, 5] of 8 -> '0-2,5'; everything -> 'all N'."""
+    if len(values) == size:
+        return f"all {size}"
+    runs, start = [], values[0]
+    for prev, cur in zip(values[:-1], values[1:], strict=True):
+        if cur != prev + 1:
+            runs.append((start, prev))
+            start = cur
+    runs.append((start, values[-1]))
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def locate(over: np.ndarray, tensor: str) -> str:
+    """Which positions along each axis hold values out of tolerance: a pattern such as
+    'query 0-6 of 8' or 'key above the diagonal' points at the bug."""
+    names = AXES.get(tensor, tuple(f"axis{i}" for i in range(over.ndim)))
+    if over.ndim != len(names) or not over.any():
+        return ""
+    parts = []
+    for axis, name in enumerate(names):
+        hit = np.flatnonzero(over.any(axis=tuple(i for i in range(over.ndim) if i != axis)))
+        parts.append(f"{name} {_ranges(hit, over.shape[axis])}")
+    text = f"{int(over.sum())} of {over.size} values out of tolerance at " + "; ".join(parts)
+    if tensor == "attn_weights":
+        tq, tk = over.shape[-2:]
+        above = np.triu(np.ones((tq, tk), dtype=bool), k=tk - tq + 1)  # keys a causal query must not see
+        text += f" ({int((over & above).sum())} of them above the causal diagonal)"
+    return text
 
 
 def floor(dtype: str, expected_max: float, error_scale: dict[str, float]) -> float:
@@ -98,10 +137,12 @@ def judge(
     flo = floor(dtype, emax, error_scale)
     tol = k * (baseline + flo)
 
-    def verdict(problem: str, err: float = float("inf"), index=None, got=None, want=None) -> Verdict:
+    def verdict(problem: str, err: float = float("inf"), index=None, got=None, want=None, bad=0) -> Verdict:
         ratio = err / (baseline + flo) if baseline + flo > 0 else (0.0 if err == 0 else float("inf"))
         rel = err / emax if emax > 0 else (0.0 if err == 0 else float("inf"))
-        return Verdict(tensor, problem == "", problem, err, rel, index, got, want, baseline, flo, tol, ratio)
+        return Verdict(
+            tensor, problem == "", problem, err, rel, index, got, want, baseline, flo, tol, ratio, bad
+        )
 
     shape = getattr(actual, "shape", None)
     if shape != expected.shape:
@@ -114,10 +155,15 @@ def judge(
     bad = ~np.isfinite(a) & np.isfinite(expected)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        return verdict("nonfinite", index=idx, got=float(a[idx]), want=float(expected[idx]))
+        return verdict(
+            "nonfinite", index=idx, got=float(a[idx]), want=float(expected[idx]), bad=int(bad.sum())
+        )
     diff = np.abs(a - expected)
     if diff.size == 0:
         return verdict("", 0.0)
     idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
     err = float(diff[idx])
-    return verdict("" if err <= tol else "tolerance", err, idx, float(a[idx]), float(expected[idx]))
+    if err <= tol:
+        return verdict("", err, idx, float(a[idx]), float(expected[idx]))
+    failed = verdict("tolerance", err, idx, float(a[idx]), float(expected[idx]))
+    return replace(failed, where_over=locate(diff > tol, tensor))

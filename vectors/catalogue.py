@@ -69,7 +69,6 @@ def _mask(kind: str, shape: tuple[int, ...], **extra: Any) -> dict[str, Any]:
     return {"kind": kind, "shape": list(shape), **extra}
 
 
-# fmt: off  (the catalogue reads as a table; one case per call, dense on purpose)
 CASES: list[dict[str, Any]] = [
     # --- systems described by the seed documents -------------------------------------
     spec(
@@ -324,9 +323,9 @@ CASES: list[dict[str, Any]] = [
     ),
     spec(
         "mask_random_and_causal",
-        "An arbitrary mask combined with causal.",
+        "An arbitrary mask combined with causal; each query keeps its own key, so no row is empty.",
         causal=True,
-        mask=_mask("random", (2, 1, 8, 8), keep=0.7),
+        mask=_mask("random", (2, 1, 8, 8), keep=0.7, keep_diagonal=True),
     ),
     spec("mask_diagonal_only", "Each query may only attend itself.", mask=_mask("diagonal", (1, 1, 8, 8))),
     spec(
@@ -375,6 +374,19 @@ CASES: list[dict[str, Any]] = [
         kv_len=5,
         qkv_bias=False,
     ),
+    spec(
+        "noproj_causal_self_t8_h4",
+        "Stacked causal heads with no output projection, as the seed wrapper builds them, at 8 tokens.",
+        out_proj=False,
+        causal=True,
+    ),
+    spec(
+        "noproj_causal_gqa_h4_kv2",
+        "Stacked causal heads without output projection whose K/V weights are shared in pairs.",
+        out_proj=False,
+        causal=True,
+        num_kv_heads=2,
+    ),
     # --- modes ----------------------------------------------------------------------
     spec(
         "dropout_p0p1_eval_mode",
@@ -382,4 +394,3 @@ CASES: list[dict[str, Any]] = [
         dropout=0.1,
     ),
 ]
-# fmt: on

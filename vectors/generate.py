@@ -53,7 +53,8 @@ def build_mask(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray | N
     """The boolean mask (True = may attend) that the spec's ``mask`` entry describes.
 
     Kinds: ``key_padding`` (per batch row a valid key length, at least 1, the first row
-    full length), ``random`` (each entry kept with probability ``keep``), ``diagonal``
+    full length), ``random`` (each entry kept with probability ``keep``; with
+    ``keep_diagonal`` query i always keeps key i + Tk - Tq, the causal diagonal), ``diagonal``
     (query i sees key i), ``masked_rows`` (the listed query rows see nothing), and
     ``masked_batch`` (one batch row sees nothing).
     """
@@ -69,7 +70,10 @@ def build_mask(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray | N
         mask = np.arange(tk)[None, :] < lengths[:, None]
         return mask.reshape(shape)
     if kind == "random":
-        return rng.random(shape) < m["keep"]
+        mask = rng.random(shape) < m["keep"]
+        if m.get("keep_diagonal"):
+            mask |= np.eye(tq, tk, k=tk - tq, dtype=bool)
+        return mask
     if kind == "diagonal":
         return np.broadcast_to(np.eye(tq, tk, dtype=bool), shape).copy()
     if kind == "masked_rows":

@@ -1,0 +1,100 @@
+"""What the PyTorch adapters share: devices, dtypes, conversions and the causal mask."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from impls.adapter import Adapter
+
+TORCH_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def torch():  # imported lazily so the suite collects without torch installed
+    import torch
+
+    return torch
+
+
+class TorchAdapter(Adapter):
+    """Base for adapters that run PyTorch: cpu always, cuda and mps when torch sees them."""
+
+    framework = "torch"
+    extra = "torch"
+    device_kinds = ("cpu", "cuda", "mps")
+
+    def devices(self) -> list[str]:
+        t = torch()
+        found = ["cpu"]
+        if t.cuda.is_available():
+            found.append("cuda")
+        if getattr(t.backends, "mps", None) is not None and t.backends.mps.is_available():
+            found.append("mps")
+        return found
+
+    def device_unavailable(self, device: str) -> str | None:
+        if device == "cuda" and device not in self.devices():
+            t = torch()
+            build = f"CUDA {t.version.cuda}" if t.version.cuda else "a CPU-only build"
+            return f"cuda requested but torch.cuda.is_available() is False (torch {t.__version__}, {build})"
+        return super().device_unavailable(device)
+
+    def device_name(self, device: str) -> str:
+        t = torch()
+        if device == "cuda":
+            return t.cuda.get_device_name(t.cuda.current_device())
+        return "Apple MPS" if device == "mps" else super().device_name(device)
+
+    def supports(self, spec: Mapping[str, Any], dtype: str, device: str) -> str | None:
+        if device == "mps" and dtype == "float64":
+            return "MPS has no float64"
+        return None
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch().__version__}
+
+
+def torch_dtype(dtype: str):
+    return getattr(torch(), dtype)
+
+
+def to_torch(array: np.ndarray, dtype: str, device: str, *, requires_grad: bool = False):
+    """A NumPy array (bfloat16 from ml_dtypes included) as a tensor on ``device``."""
+    t = torch()
+    if array.dtype == np.bool_:
+        return t.from_numpy(np.ascontiguousarray(array)).to(device)
+    # torch cannot read ml_dtypes' bfloat16; float32 holds every bfloat16 value exactly.
+    host = np.ascontiguousarray(array.astype(np.float32) if dtype == "bfloat16" else array)
+    tensor = t.from_numpy(host).to(device=device, dtype=torch_dtype(dtype))
+    return tensor.requires_grad_(requires_grad)
+
+
+def to_numpy(tensor, dtype: str, device: str) -> np.ndarray:
+    """Back to NumPy in ``dtype``, after checking the tensor really lives on ``device``."""
+    if tensor.device.type != device:
+        raise RuntimeError(f"result is on {tensor.device.type}, but the test asked for {device}")
+    host = tensor.detach().to("cpu")
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return host.float().numpy().astype(ml_dtypes.bfloat16)
+    return host.numpy()
+
+
+def allowed_mask(spec: Mapping[str, Any], mask: np.ndarray | None, device: str):
+    """Bool [B|1, H|1, Tq, Tk], True = may attend: the case mask AND the causal rule
+    ``j <= i + (Tk - Tq)`` (bottom-right aligned). None when nothing is masked."""
+    t = torch()
+    tq, tk = spec["q_len"], spec["kv_len"]
+    allowed = None if mask is None else t.from_numpy(np.ascontiguousarray(mask)).to(device)
+    if spec["causal"]:
+        causal = t.ones(tq, tk, dtype=t.bool, device=device).tril(diagonal=tk - tq)
+        allowed = causal[None, None] if allowed is None else allowed & causal
+    return allowed
+
+
+def linear_weight(w: np.ndarray, dtype: str, device: str):
+    """A [in, out] golden weight as the [out, in] tensor nn.Linear stores."""
+    return to_torch(np.ascontiguousarray(w.T), dtype, device)

@@ -1,0 +1,127 @@
+"""``torch-scratch``: the seed documents' from-scratch multi-head attention module.
+
+``MultiHeadAttention`` below is the tutorial's module as written there (W_query/W_key/
+W_value Linear layers, ``view`` to heads, ``transpose``, a ``triu`` mask buffer for a
+context length cut to the number of tokens, ``masked_fill(-inf)``, scale, softmax, dropout,
+``transpose``, ``contiguous().view``, ``out_proj``), extended only as far as a user would:
+keys and values may come from another sequence, causal masking is a switch, and an
+optional bool mask (True = may attend) is honoured. What its design cannot express is a
+skip with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from impls.torch_common import TorchAdapter, linear_weight, to_numpy, to_torch, torch, torch_dtype
+
+NAN_ROWS = (
+    "masked_fill(-inf) then softmax gives NaN for a query row with no allowed key, where the "
+    "reference gives zeros"
+)
+
+
+def module_class():
+    nn = torch().nn
+
+    class MultiHeadAttention(nn.Module):
+        def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False, causal=True):
+            super().__init__()
+            assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
+            self.d_out = d_out
+            self.num_heads = num_heads
+            self.head_dim = d_out // num_heads
+            self.causal = causal
+            self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+            self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+            self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+            self.out_proj = nn.Linear(d_out, d_out)
+            self.dropout = nn.Dropout(dropout)
+            self.register_buffer(
+                "mask", torch().triu(torch().ones(context_length, context_length), diagonal=1)
+            )
+
+        def forward(self, x, kv=None, mask=None):
+            kv = x if kv is None else kv
+            b, num_tokens, d_in = x.shape
+            kv_tokens = kv.shape[1]
+            keys = self.W_key(kv)
+            queries = self.W_query(x)
+            values = self.W_value(kv)
+            keys = keys.view(b, kv_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+            queries = queries.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+            values = values.view(b, kv_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+            attn_scores = queries @ keys.transpose(2, 3)
+            if self.causal:
+                mask_bool = self.mask.bool()[:num_tokens, :num_tokens]
+                attn_scores.masked_fill_(mask_bool, -torch().inf)
+            if mask is not None:
+                attn_scores.masked_fill_(~mask, -torch().inf)
+            attn_weights = torch().softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+            attn_weights = self.dropout(attn_weights)
+            context_vec = (attn_weights @ values).transpose(1, 2)
+            context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
+            return self.out_proj(context_vec)
+
+    return MultiHeadAttention
+
+
+class TorchScratch(TorchAdapter):
+    name = "torch-scratch"
+    path = "the seed's from-scratch nn.Module: Linear Q/K/V, view/transpose, triu buffer, masked_fill(-inf), softmax"
+    divergences = {"golden:*fully_masked*": f"seed from-scratch module: {NAN_ROWS}"}
+
+    def supports(self, spec: Mapping[str, Any], dtype: str, device: str) -> str | None:
+        h, hd = spec["num_heads"], spec["head_dim"]
+        if spec["num_kv_heads"] != h:
+            return "the from-scratch module has one K/V head per query head (no grouped-query attention)"
+        if spec["v_head_dim"] != hd:
+            return "the from-scratch module uses one head_dim = d_out // num_heads for Q, K and V"
+        if not spec["out_proj"] or spec["d_out"] != h * hd:
+            return "the from-scratch module always has out_proj = Linear(d_out, d_out) with d_out = heads * head_dim"
+        if spec["kdim"] != spec["d_in"] or spec["vdim"] != spec["d_in"]:
+            return "the from-scratch module projects keys and values from d_in-wide inputs"
+        if spec["scale"] is not None:
+            return "the from-scratch module always scales by 1/sqrt(head_dim)"
+        if spec["causal"] and spec["q_len"] != spec["kv_len"]:
+            return "the from-scratch module's triu buffer is cut to [:T, :T] (top-left); it cannot align Tq != Tk"
+        return super().supports(spec, dtype, device)
+
+    def prepare(self, case, spec, dtype, device):
+        t = torch()
+        h, hd = spec["num_heads"], spec["head_dim"]
+        module = module_class()(
+            spec["d_in"], h * hd, context_length=max(spec["kv_len"], 1), dropout=spec["dropout"],
+            num_heads=h, qkv_bias=spec["qkv_bias"], causal=spec["causal"],
+        ).to(device=device, dtype=torch_dtype(dtype))  # fmt: skip
+        with t.no_grad():
+            for short, layer in (
+                ("q", module.W_query),
+                ("k", module.W_key),
+                ("v", module.W_value),
+                ("o", module.out_proj),
+            ):
+                layer.weight.copy_(linear_weight(case[f"w_{short}"], dtype, device))
+                if layer.bias is not None:  # out_proj always has one; a missing bias is exactly zero
+                    bias = case.get(f"b_{short}")
+                    layer.bias.copy_(
+                        to_torch(bias, dtype, device) if bias is not None else t.zeros_like(layer.bias)
+                    )
+        module.eval()
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            x = to_torch(inputs["query"], dtype, device)
+            kv = None if spec["self_attention"] else to_torch(inputs["key"], dtype, device)
+            if kv is not None and not np.array_equal(inputs["key"], inputs["value"]):
+                raise NotImplementedError("the from-scratch module reads keys and values from one sequence")
+            mask = inputs.get("mask")
+            with t.no_grad():
+                out = module(
+                    x, kv, None if mask is None else t.from_numpy(np.ascontiguousarray(mask)).to(device)
+                )
+            return {"output": to_numpy(out, dtype, device)}
+
+        return run
