@@ -9,6 +9,7 @@ another file (or set it empty) to choose a different torch, e.g. a CUDA build.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -26,9 +27,20 @@ def install(session: nox.Session, *args: str) -> None:
     session.install("--quiet", *extra, *args)
 
 
-#: Built-in adapters by the environment (pip extra) they run in; each gets its own virtualenv
-#: so conflicting packages (onnxruntime vs onnxruntime-gpu, framework pins) never meet.
-BACKENDS = {"torch": ["torch-*"]}
+#: One virtualenv per backend, so conflicting packages (onnxruntime vs onnxruntime-gpu, framework
+#: pins) never meet: the pip extras it installs, the built-in adapters (globs) it runs, and its
+#: environment variables. Keras picks its backend once per process from KERAS_BACKEND, so the same
+#: Keras layer runs in three environments.
+BACKENDS: dict[str, dict] = {
+    "torch": {"extras": "torch", "adapters": ["torch-*"]},
+    "tensorflow": {"extras": "tensorflow", "adapters": ["keras-mha", "keras-mha-scores"],
+                   "env": {"KERAS_BACKEND": "tensorflow"}},
+    "jax": {"extras": "jax", "adapters": ["jax-*", "flax-*"]},
+    "keras-jax": {"extras": "jax,keras", "adapters": ["keras-*-jax"], "env": {"KERAS_BACKEND": "jax"}},
+    "keras-torch": {"extras": "torch,keras", "adapters": ["keras-*-torch"], "env": {"KERAS_BACKEND": "torch"}},
+    "onnx": {"extras": "onnx", "adapters": ["onnx-*"]},
+    "onnx-gpu": {"extras": "onnx-gpu", "adapters": ["onnx-*"], "gpu": True},  # onnxruntime-gpu, --device cuda
+}  # fmt: skip
 HISTORY = "results/conformance"
 
 
@@ -40,7 +52,7 @@ def adapter_args(session: nox.Session, patterns: list[str]) -> list[str]:
     args = session.posargs
     chosen = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--adapter"]
     rest = [a for i, a in enumerate(args) if a != "--adapter" and (i == 0 or args[i - 1] != "--adapter")]
-    every = [p for ps in BACKENDS.values() for p in ps]
+    every = [p for b in BACKENDS.values() for p in b["adapters"]]
     foreign = [c for c in chosen if not any(fnmatchcase(c, p) for p in every)]
     if foreign:
         session.error(
@@ -61,19 +73,98 @@ def conformance(session: nox.Session, backend: str) -> None:
     Arguments after ``--`` reach pytest: ``nox -s conformance -- --adapter torch-sdpa --device all``.
     Every run also writes its JSON report into results/conformance/ (the history).
     """
-    args = adapter_args(session, BACKENDS[backend])
-    install(session, "-e", f".[test,{backend}]")
+    config = BACKENDS[backend]
+    if config.get("gpu") and not shutil.which("nvidia-smi"):
+        session.skip(f"{backend} needs an NVIDIA GPU (no nvidia-smi here); its adapters run on CPU elsewhere")
+    args = adapter_args(session, config["adapters"])
+    if config.get("gpu") and "--device" not in args:
+        args += ["--device", "cuda"]
+    install(session, "-e", f".[test,{config['extras']}]")
+    session.env.update(config.get("env", {}))
     session.run("python", "-m", "pytest", "conformance", "-p", "no:cacheprovider", "-rfE",
                 "--history", HISTORY, *args)  # fmt: skip
 
 
 @nox.session
+@nox.parametrize("backend", list(BACKENDS))
+def fuzz(session: nox.Session, backend: str) -> None:
+    """Random specs (hypothesis) for one backend's adapters against the reference, bounded by
+    ``-- --fuzz-examples N`` (default 60 per adapter and dtype); failures shrink to the smallest
+    spec and print a line that reproduces them; .hypothesis/fuzz remembers them for the next run."""
+    config = BACKENDS[backend]
+    if config.get("gpu") and not shutil.which("nvidia-smi"):
+        session.skip(f"{backend} needs an NVIDIA GPU (no nvidia-smi here)")
+    args = adapter_args(session, config["adapters"])
+    install(session, "-e", f".[test,{config['extras']}]")
+    session.env.update(config.get("env", {}))
+    session.run("python", "-m", "pytest", "conformance/fuzz_attention.py", "-p", "no:cacheprovider", "-rfEs", *args)
+
+
+@nox.session
 def tests(session: nox.Session) -> None:
-    """The project's own tests, then the conformance suite on CPU with the torch adapters."""
-    install(session, "-e", ".[test,torch]")
+    """The project's own tests, then the suite's golden checks on CPU with the torch adapters
+    (``nox -s conformance`` runs every check for every backend)."""
+    install(session, "-e", ".[test,torch,onnx,jax,bench]")
     session.run("python", "-m", "pytest", "tests", "-ra", *session.posargs)
-    session.run("python", "-m", "pytest", "conformance", "-p", "no:cacheprovider", "-rfE",
+    session.run("python", "-m", "pytest", "conformance/test_golden.py", "-p", "no:cacheprovider", "-rfE",
                 "--adapter", "torch-*", "--report", "results/ci-conformance.json")  # fmt: skip
+
+
+@nox.session
+@nox.parametrize("backend", list(BACKENDS))
+def benchmarks(session: nox.Session, backend: str) -> None:
+    """Time one backend's adapters with asv (``asv run --python=same``; README, "Benchmarks and
+    dashboards"). ``-- --device cuda|mps|all`` (default cpu), ``-- --adapter GLOB``, ``-- --quick``
+    for a smoke run; other arguments reach asv. Only a clean tree records history in .asv/results/."""
+    config = BACKENDS[backend]
+    if config.get("gpu") and not shutil.which("nvidia-smi"):
+        session.skip(f"{backend} needs an NVIDIA GPU (no nvidia-smi here)")
+    args = adapter_args(session, config["adapters"])
+    if config.get("gpu") and "--device" not in args:
+        args += ["--device", "cuda"]
+    install(session, "-e", f".[bench,{config['extras']}]")
+    session.env.update(config.get("env", {}))
+    session.run("python", "-m", "benchmarks.runner", *args)
+
+
+@nox.session
+def dashboard(session: nox.Session) -> None:
+    """``asv publish`` plus the conformance page, into .asv/html/ (``-- --serve`` serves both;
+    ``-- --merge DIR`` first merges another machine's results and history; see README)."""
+    install(session, "-e", ".[bench]")
+    session.run("python", "-m", "conformance.dashboard", "--history", HISTORY, *session.posargs)
+
+
+@nox.session
+@nox.parametrize("backend", ["torch"])
+def speed(session: nox.Session, backend: str) -> None:
+    """The quick regression gate: a few forward benchmarks with pytest-benchmark, failing when a
+    median is 10% slower than the previous saved run on the same machine and device."""
+    config = BACKENDS[backend]
+    install(session, "-e", f".[test,bench,{config['extras']}]")
+    session.env.update(config.get("env", {}))
+    session.run("python", "benchmarks/regression/run.py", *session.posargs)
+
+
+@nox.session
+def mutation(session: nox.Session) -> None:
+    """The mutation score: the whole suite against every deliberately wrong implementation in
+    impls/mutants.py (NumPy) and their correct twin; fails unless every mutant is killed and the
+    twin passes. ``-- --case GLOB --dtype D`` narrows it; ``-- --json PATH`` keeps the result."""
+    install(session, "-e", ".[test]")
+    session.run("python", "-m", "conformance.mutation", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("backend", [b for b, c in BACKENDS.items() if not c.get("gpu")])
+def probes(session: nox.Session, backend: str) -> None:
+    """Convention probes and dropout statistics for one backend's adapters, written to
+    results/probes/<backend>.json (the dashboard's data; README, "Conventions")."""
+    config = BACKENDS[backend]
+    install(session, "-e", f".[test,{config['extras']}]")
+    session.env.update(config.get("env", {}))
+    adapters = [a for pattern in config["adapters"] for a in ("--adapter", pattern)]
+    session.run("python", "-m", "conformance.probes", *adapters, "--json", f"results/probes/{backend}.json")
 
 
 @nox.session

@@ -15,15 +15,27 @@ from typing import Any, NamedTuple
 import pytest
 
 from conformance import registry, report
+from conformance.harness import InProcess, Isolated
 from conformance.tolerance import DEFAULT_K
+from conformance.worker import STARTUP_TIMEOUT, Worker
 from impls.adapter import ALL_DTYPES, Adapter
 from vectors import golden
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ("cpu", "cuda", "mps")
+#: Generous for a first call that imports a framework and jit-compiles, short enough that a hung
+#: adapter costs minutes, not the CI budget.
+DEFAULT_CASE_TIMEOUT = 120.0
+#: Exit codes: pytest's own (0 ok, 1 conformance failures, 4 usage error), and 3 when the harness
+#: itself failed (a test errored outside the adapter's verdict, or the report could not be written).
+HARNESS_ERROR = 3
 
 
-class GoldenParam(NamedTuple):
+class Target(NamedTuple):
+    """What one test checks: a check (``golden``, ``gradients``, a property, ...) of one adapter
+    on one device, dtype and case."""
+
+    check: str
     adapter: str
     device: str
     dtype: str
@@ -31,37 +43,65 @@ class GoldenParam(NamedTuple):
 
     @property
     def id(self) -> str:
-        return f"{self.adapter}-{self.device}-{self.dtype}-{self.case}"
+        prefix = "" if self.check == "golden" else f"{self.check}-"
+        return f"{prefix}{self.adapter}-{self.device}-{self.dtype}-{self.case}"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("mha-conformance")
-    group.addoption("--adapter", action="append", default=[],
-                    help="adapter to validate (repeatable): a built-in name or glob, an entry-point name "
-                         f"({registry.ENTRY_POINT_GROUP}), or package.module:attr. Default: every built-in "
-                         "whose framework is installed")  # fmt: skip
-    group.addoption(
+    add = group.addoption
+    add(
+        "--adapter",
+        action="append",
+        default=[],
+        help="adapter to validate (repeatable): a built-in name or glob, an entry-point name "
+        f"({registry.ENTRY_POINT_GROUP}), or package.module:attr. Default: every built-in "
+        "whose framework is installed",
+    )
+    add(
         "--device",
         default="cpu",
         choices=[*DEVICES, "all"],
         help="device to run on; 'all' = every device each adapter can reach (default cpu)",
     )
-    group.addoption(
+    add(
         "--dtype",
         action="append",
         default=[],
         choices=ALL_DTYPES,
         help="dtype (repeatable); default: every dtype the case lists that the adapter supports",
     )
-    group.addoption("--case", action="append", default=[], help="glob on case ids (repeatable)")
-    group.addoption("--report", type=Path, help="write the JSON report here")
-    group.addoption("--history", type=Path, help="also write the report into this history folder")
-    group.addoption(
+    add("--case", action="append", default=[], help="glob on case ids (repeatable)")
+    add("--report", type=Path, help="write the JSON report here")
+    add("--history", type=Path, help="also write the report into this history folder")
+    add(
         "--k-factor",
         type=float,
         default=DEFAULT_K,
         help="tolerance factor k: error may be k x (precision baseline + floor) (default 2)",
     )
+    add(
+        "--case-timeout",
+        type=float,
+        default=DEFAULT_CASE_TIMEOUT,
+        help=f"seconds one test's adapter call may take before it is killed and failed (default "
+        f"{DEFAULT_CASE_TIMEOUT:g}; 0 = no limit; a fresh worker also gets {STARTUP_TIMEOUT:g} s for imports)",
+    )
+    add(
+        "--isolation",
+        choices=["process", "none"],
+        default="process",
+        help="run adapters in a worker process (default: a crash or hang fails one test) or in the "
+        "test process (none: easier debugging)",
+    )
+    add(
+        "--fuzz-examples",
+        type=int,
+        default=60,
+        help="examples hypothesis draws per adapter and dtype in conformance/fuzz_attention.py",
+    )
+    add("--vectors", type=Path, default=golden.VECTORS_DIR,
+        help="folder of golden vectors (default: the committed ones)")  # fmt: skip
 
 
 class Suite:
@@ -84,14 +124,23 @@ class Suite:
         except registry.AdapterError as exc:
             raise pytest.UsageError(str(exc)) from None
         self.by_name: dict[str, Adapter] = {a.name: a for a in self.adapters}
+        self.vectors: Path = config.getoption("--vectors")
+        self.cases = self.load_cases()
+        self.worker: Worker | None = None
+        if config.getoption("--isolation") == "process":
+            self.worker = Worker(self.vectors, config.getoption("--case-timeout"))
+            self.runner: InProcess | Isolated = Isolated(self.worker)
+        else:
+            self.runner = InProcess()
 
-    def cases(self) -> list[golden.GoldenCase]:
+    def load_cases(self) -> list[golden.GoldenCase]:
+        """Every selected case, validated now: bad vectors stop the run before any adapter runs."""
         from conformance.harness import load
 
         globs = self.config.getoption("--case") or ["*"]
         try:
-            ids = [c for c in golden.case_ids() if any(fnmatchcase(c, g) for g in globs)]
-            cases = [load(c) for c in ids]
+            ids = [c for c in golden.case_ids(self.vectors) if any(fnmatchcase(c, g) for g in globs)]
+            cases = [load(c, self.vectors) for c in ids]
         except golden.VectorError as exc:
             raise pytest.UsageError(f"golden vectors: {exc}") from None
         if not cases:
@@ -104,16 +153,23 @@ class Suite:
             return [device]
         return ["cpu"] if adapter.missing() else adapter.devices()
 
-    def params(self) -> list[Any]:
+    def params(self, check: str, keep: Any = None, dtypes: Any = None) -> list[Any]:
+        """Every (adapter, device, dtype, case) for ``check``, with declared divergences as xfail.
+
+        ``keep(spec)`` narrows the cases a check applies to; ``dtypes`` overrides the default
+        (every dtype the case lists that the adapter supports, or ``--dtype``).
+        """
         chosen = self.config.getoption("--dtype")
         out = []
         for adapter in self.adapters:
             for device in self.devices(adapter):
-                for case in self.cases():
-                    dtypes = chosen or [d for d in case.spec["dtypes"] if d in adapter.dtypes]
-                    for dtype in dtypes:
-                        p = GoldenParam(adapter.name, device, dtype, case.id)
-                        reason = adapter.divergence("golden", case.id, dtype, device)
+                for case in self.cases:
+                    if keep is not None and not keep(case.spec):
+                        continue
+                    listed = [d for d in case.spec["dtypes"] if d in adapter.dtypes]
+                    for dtype in chosen or [d for d in listed if dtypes is None or d in dtypes]:
+                        p = Target(check, adapter.name, device, dtype, case.id)
+                        reason = adapter.divergence(check, case.id, dtype, device)
                         marks = (
                             [pytest.mark.xfail(reason=f"declared divergence: {reason}", strict=False)]
                             if reason
@@ -140,8 +196,18 @@ SUITE = pytest.StashKey[Suite]()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    suite = metafunc.config.stash[SUITE]
     if "golden" in metafunc.fixturenames:
-        metafunc.parametrize("golden", metafunc.config.stash[SUITE].params())
+        metafunc.parametrize("golden", suite.params("golden"))
+    elif "target" in metafunc.fixturenames:
+        # Other checks: the test module names its check (CHECK, or CHECKS = {name: select}) and,
+        # optionally, which cases (select(spec) -> bool) and dtypes (DTYPES) it needs.
+        module = metafunc.module
+        checks = getattr(module, "CHECKS", None) or {module.CHECK: getattr(module, "select", None)}
+        dtypes = getattr(module, "DTYPES", None)
+        metafunc.parametrize(
+            "target", [p for c, keep in checks.items() for p in suite.params(c, keep, dtypes)]
+        )
 
 
 @pytest.fixture
@@ -153,13 +219,15 @@ def suite(request: pytest.FixtureRequest) -> Suite:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     rep = outcome.get_result()
-    param = getattr(item, "callspec", None) and item.callspec.params.get("golden")
+    params = getattr(item, "callspec", None) and item.callspec.params
+    found = [p for p in (params or {}).values() if isinstance(p, Target)]
+    param = found[0] if found else None
     if param is None or (rep.when == "setup" and not rep.skipped) or rep.when == "teardown":
         return
     suite = item.config.stash[SUITE]
     rec = suite.records.setdefault(
         item.nodeid,
-        report.TestRecord(item.nodeid, "golden", param.adapter, param.device, param.dtype, param.case),
+        report.TestRecord(item.nodeid, param.check, param.adapter, param.device, param.dtype, param.case),
     )
     found = getattr(item, "mha_record", None)
     if found is not None:
@@ -177,6 +245,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         rec.outcome = rep.outcome
         if rep.failed:
             rec.reason = str(call.excinfo.value) if call.excinfo else str(rep.longrepr)
+            # A verdict fails with AssertionError; anything else is the harness failing.
+            if rep.when != "call" or call.excinfo is None or not call.excinfo.errisinstance(AssertionError):
+                rec.outcome = "error"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -198,13 +269,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         tr.write_line("Not run (framework not installed): " + "; ".join(suite.not_installed))
     for path in getattr(suite, "written", []):
         tr.write_line(f"JSON report: {path}")
+    for problem in getattr(suite, "write_errors", []):
+        tr.write_line(f"HARNESS ERROR: could not write the report {problem}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     suite = session.config.stash[SUITE]
+    if suite.worker is not None:
+        suite.worker.stop()
     records = list(suite.records.values())
     if not records:
         return
+    if any(r.outcome == "error" for r in records):
+        session.exitstatus = HARNESS_ERROR
     run = {
         "started": suite.started.isoformat(),
         "finished": datetime.now(timezone.utc).isoformat(),
@@ -216,12 +293,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     }
     data = report.build_report(records, report.environment(suite.adapter_versions()), run)
     suite.written = []
-    target = session.config.getoption("--report")
-    if target:
-        report.write_json_atomic(target, data)
-        suite.written.append(target)
+    targets = [session.config.getoption("--report")]
     history = session.config.getoption("--history")
     if history:
-        path = history / report.history_name(suite.started, run["commit"])
-        report.write_json_atomic(path, data)
-        suite.written.append(path)
+        targets.append(history / report.history_name(suite.started, run["commit"]))
+    for target in filter(None, targets):
+        try:
+            report.write_json_atomic(target, data)
+            suite.written.append(target)
+        except OSError as exc:
+            suite.write_errors = [*getattr(suite, "write_errors", []), f"{target}: {exc}"]
+            session.exitstatus = HARNESS_ERROR

@@ -19,6 +19,19 @@ BUILTINS: dict[str, str] = {
     "torch-sdpa": "impls.torch_sdpa:TorchSDPA",
     "torch-scratch": "impls.torch_scratch:TorchScratch",
     "torch-wrapper": "impls.torch_wrapper:TorchWrapper",
+    "onnx-export": "impls.onnx_export:OnnxExport",
+    "onnx-export-attention": "impls.onnx_export:OnnxExportAttention",
+    "onnx-attention": "impls.onnx_attention:OnnxAttention",
+    "onnx-contrib-mha": "impls.onnx_contrib:OnnxContribMHA",
+    "jax-sdpa": "impls.jax_sdpa:JaxSDPA",
+    "flax-mha": "impls.flax_mha:FlaxMHA",
+    "flax-mha-weights": "impls.flax_mha:FlaxMHAWeights",
+    "keras-mha": "impls.keras_mha:KerasMHA",
+    "keras-mha-scores": "impls.keras_mha:KerasMHAScores",
+    "keras-mha-jax": "impls.keras_mha:KerasMHAJax",
+    "keras-mha-scores-jax": "impls.keras_mha:KerasMHAScoresJax",
+    "keras-mha-torch": "impls.keras_mha:KerasMHATorch",
+    "keras-mha-scores-torch": "impls.keras_mha:KerasMHAScoresTorch",
 }
 
 
@@ -69,14 +82,17 @@ def resolve(refs: list[str]) -> list[Adapter]:
     for ref in refs:
         builtins = [n for n in BUILTINS if fnmatchcase(n, ref)]
         if builtins:
-            adapters.update((n, builtin(n)) for n in builtins)
+            found = {n: (builtin(n), n) for n in builtins}
         elif ref in eps:
-            adapters[ref] = as_adapter(eps[ref].load(), ref)
+            found = {ref: (as_adapter(eps[ref].load(), ref), ref)}
         elif ":" in ref:
-            adapters[ref] = as_adapter(load_object(ref), ref)
+            found = {ref: (as_adapter(load_object(ref), ref), ref)}
         else:
             known = ", ".join(list(BUILTINS) + list(eps))
             raise AdapterError(
                 f"unknown adapter {ref!r}: use a built-in or registered name ({known}) or package.module:attr"
             )
+        for name, (adapter, how) in found.items():
+            adapter.ref = how  # how a worker process finds the same adapter again
+            adapters[name] = adapter
     return list(adapters.values())

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 REPORT_FORMAT = "1"
-OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed")
+OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 
 
 @dataclass
@@ -43,20 +43,26 @@ class TestRecord:
 
 
 def summarize(records: Iterable[TestRecord]) -> list[dict[str, Any]]:
-    """Rows of adapter x dtype x device with outcome counts and the worst error ratio."""
-    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    """Rows of adapter x check x dtype x device with outcome counts and the worst error ratio."""
+    rows: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for r in records:
         row = rows.setdefault(
-            (r.adapter, r.dtype, r.device),
+            (r.adapter, r.check, r.dtype, r.device),
             {
                 "adapter": r.adapter,
+                "check": r.check,
                 "dtype": r.dtype,
                 "device": r.device,
                 **dict.fromkeys(OUTCOMES, 0),
                 "worst_ratio": None,
+                "xfail_worst_rel_err": None,
             },
         )
         row[r.outcome] += 1
+        if r.outcome == "xfailed":  # how far a declared divergence actually reaches
+            rels = [v["max_rel_err"] for v in r.verdicts if v["max_rel_err"] is not None]
+            if rels and (row["xfail_worst_rel_err"] is None or max(rels) > row["xfail_worst_rel_err"]):
+                row["xfail_worst_rel_err"] = max(rels)
         ratio = r.worst_ratio
         if (
             ratio is not None
@@ -69,10 +75,19 @@ def summarize(records: Iterable[TestRecord]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]], k: float) -> str:
     """The summary as aligned text; the ratio column is error / (baseline + floor), pass <= k."""
-    header = ["adapter", "dtype", "device", *OUTCOMES, f"worst ratio (pass <= {k:g})"]
+    header = [
+        "adapter",
+        "check",
+        "dtype",
+        "device",
+        *OUTCOMES,
+        f"worst ratio (pass <= {k:g})",
+        "xfailed: worst rel err",
+    ]
     body = [
-        [r["adapter"], r["dtype"], r["device"], *(str(r[o]) for o in OUTCOMES),
-         "-" if r["worst_ratio"] is None else f"{r['worst_ratio']:.3g}"]
+        [r["adapter"], r.get("check", "golden"), r["dtype"], r["device"], *(str(r[o]) for o in OUTCOMES),
+         "-" if r["worst_ratio"] is None else f"{r['worst_ratio']:.3g}",
+         "-" if r.get("xfail_worst_rel_err") is None else f"{r['xfail_worst_rel_err']:.2g}"]
         for r in rows
     ]  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]

@@ -19,11 +19,27 @@ def rows() -> str:
     lines = []
     for name in BUILTINS:
         a = builtin(name)
-        divergences = "<br>".join(f"`{p}`: {r}" for p, r in a.divergences.items()) or "none"
+        divergences = "<br>".join(grouped(a.divergences)) or "none"
         framework = f"{a.framework} (`.[{a.extra}]`)" if a.framework else "-"
         devices = ", ".join(a.device_kinds)
         lines.append(f"| `{name}` | {framework} | {a.path} | {devices} | {divergences} |")
     return "\n".join(lines) + "\n"
+
+
+def grouped(divergences: dict[str, str]) -> list[str]:
+    """One line per reason; a reason declared for many cases names how many and one example."""
+    by_reason: dict[str, list[str]] = {}
+    for pattern, reason in divergences.items():
+        by_reason.setdefault(reason, []).append(pattern)
+    lines = []
+    for reason, patterns in by_reason.items():
+        shown = (
+            ", ".join(f"`{p}`" for p in patterns)
+            if len(patterns) <= 3
+            else f"{len(patterns)} patterns, e.g. `{patterns[0]}`"
+        )
+        lines.append(f"{shown}: {reason}")
+    return lines
 
 
 def current_readme_table(text: str) -> str:

@@ -7,4 +7,7 @@ from conformance.harness import CheckRecord, check_golden
 
 def test_golden(golden, suite, request):
     record = request.node.mha_record = CheckRecord()
-    check_golden(suite.by_name[golden.adapter], golden.case, golden.dtype, golden.device, suite.k, record)
+    adapter = suite.by_name[golden.adapter]
+    check_golden(
+        adapter, golden.case, golden.dtype, golden.device, suite.k, record, suite.runner, suite.vectors
+    )

@@ -35,6 +35,19 @@ Result = dict[str, Any]
 Prepared = Callable[[Mapping[str, np.ndarray]], Result]
 
 
+#: A finding shared by every implementation measured so far (and by any plain P @ V): keys and values
+#: that the mask hides from every query still flow through the projections, scores and P @ V,
+#: and 0 x Inf = NaN, so Inf or NaN there reaches the output. Finite poison (1e4) does not leak.
+POISON_LEAKS = {
+    f"masked-poison-{kind}:*": (
+        f"{kind} in keys/values that the mask hides from every query still reaches the output as NaN: the "
+        "hidden rows are projected and multiplied like any other (0 x Inf = NaN in P @ V), only their "
+        "weights are zeroed"
+    )
+    for kind in ("inf", "nan")
+}
+
+
 class Adapter:
     """Base class for the full adapter form. Override :meth:`prepare`; the rest has defaults."""
 
@@ -84,6 +97,41 @@ class Adapter:
         runtime inputs (``query key value`` and ``mask``) and returning the result dict."""
         raise NotImplementedError(f"{type(self).__name__}.prepare is not written")
 
+    def bench(self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str):
+        """Build once for timing and return an ``impls.bench.Bench`` (closures on device
+        tensors, no host copies); NotImplementedError("why") makes the benchmark a skip."""
+        raise NotImplementedError(f"{self.name or type(self).__name__} has no timed path (Adapter.bench)")
+
+    def prepare_backward(
+        self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str
+    ) -> Prepared:
+        """Like :meth:`prepare`, for gradients: the callable takes the runtime inputs plus
+        ``grad_output`` and returns ``grad_<name>`` arrays (the gradients of
+        ``sum(output * grad_output)`` with respect to query, key, value, weights and biases,
+        names as in the vector contract). Raise NotImplementedError where the
+        implementation cannot differentiate."""
+        raise NotImplementedError(f"{self.name} does not compute gradients")
+
+    def prepare_training(
+        self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str
+    ) -> Prepared:
+        """Like :meth:`prepare`, but the module in training mode (dropout ``spec["dropout"]``
+        active), for the dropout statistics of the convention probes (``conformance/probes.py``).
+        Optional: the golden checks never call it. Raise NotImplementedError where the
+        implementation has no training mode."""
+        raise NotImplementedError(
+            f"{self.name or type(self).__name__} has no training mode (Adapter.prepare_training)"
+        )
+
+    def prepare_decoder(
+        self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str
+    ) -> Callable[[], Prepared]:
+        """An incremental (KV-cache) mode, for causal self-attention: return a factory that
+        starts a new stream with an empty cache; the stream takes one token's ``query key
+        value`` ([B, 1, d]) and returns ``{"output": [B, 1, d_out]}`` for that token, attending
+        to every token fed so far. Raise NotImplementedError where there is no such mode."""
+        raise NotImplementedError(f"{self.name} has no incremental decoding mode")
+
     def versions(self) -> dict[str, str]:
         """Framework versions to record in reports."""
         return {}
@@ -91,6 +139,14 @@ class Adapter:
     def divergence(self, check: str, case_id: str, dtype: str, device: str) -> str | None:
         """The declared reason this test is expected to fail, else None."""
         return match_divergence(self.divergences, check, case_id, dtype, device)
+
+
+def catalogue_ids(keep: Callable[[dict[str, Any]], bool]) -> list[str]:
+    """Ids of the catalogue cases whose spec satisfies ``keep``: for declaring a divergence over
+    exactly the cases a cause reaches, so none of them shows as a surprise pass."""
+    from vectors.catalogue import CASES
+
+    return [c["id"] for c in CASES if keep(c)]
 
 
 def cpu_name() -> str:
@@ -134,5 +190,17 @@ class FunctionAdapter(Adapter):
     def prepare(self, case, spec, dtype, device) -> Prepared:
         def run(inputs: Mapping[str, np.ndarray]) -> Result:
             return self.fn({**case, **inputs}, spec, dtype, device)
+
+        return run
+
+    def prepare_backward(self, case, spec, dtype, device) -> Prepared:
+        """The simple form's optional backward: ``fn.backward(case, spec, dtype, device)``
+        where ``case`` also holds ``grad_output``; returns ``grad_<name>`` arrays."""
+        backward = getattr(self.fn, "backward", None)
+        if backward is None:
+            return super().prepare_backward(case, spec, dtype, device)
+
+        def run(inputs: Mapping[str, np.ndarray]) -> Result:
+            return backward({**case, **inputs}, spec, dtype, device)
 
         return run

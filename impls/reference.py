@@ -195,46 +195,70 @@ def _sum_groups(x: Array, group: int) -> Array:
     return x.reshape(b, h // group, group, t, w).sum(axis=2)
 
 
-def backward(tensors: Mapping[str, Array], spec: Mapping[str, Any], grad_output: Array) -> dict[str, Array]:
+def backward(
+    tensors: Mapping[str, Array],
+    spec: Mapping[str, Any],
+    grad_output: Array,
+    precision: Precision = FLOAT64,
+    projection_grads: dict[str, Array] | None = None,
+) -> dict[str, Array]:
     """Gradients of ``sum(output * grad_output)`` with respect to every input and weight.
 
     Returns ``grad_<name>`` for ``query key value`` and every weight and bias present.
-    Float64 only. ``query``, ``key`` and ``value`` are treated as separate arguments even
-    when a self-attention case stores the same array three times.
+    ``query``, ``key`` and ``value`` are treated as separate arguments even when a
+    self-attention case stores the same array three times. In the default float64 this is
+    the truth; another precision emulates a dtype as the forward does: the backward runs on
+    the emulated forward's rounded intermediates, and each step (a matmul, the softmax
+    backward, a sum over tokens or kv groups) is formed in the accumulation dtype and its
+    result rounded to the storage dtype, as autograd does with its half-precision kernels.
+    ``projection_grads``, when given, receives the gradients of the projections' outputs
+    (``q k v``, [B, T, width]), from which the bias gradients are sums over tokens.
     """
-    fw = forward(tensors, spec)
+    p = precision
+    fw = forward(tensors, spec, p)
     h, hdv = spec["num_heads"], spec["v_head_dim"]
     group = h // spec["num_kv_heads"]
     grads: dict[str, Array] = {}
 
-    d_context = np.asarray(grad_output, dtype=np.float64)
+    def matmul(x: Array, y: Array) -> Array:
+        return p.round(p.acc(x) @ p.acc(y))
+
+    def token_sum(x: Array) -> Array:  # bias gradients: a sum over batch and tokens
+        return p.round(p.acc(x).sum(axis=(0, 1)))
+
+    def weight_grad(x: Array, d_y: Array) -> Array:  # x^T d_y over batch and tokens
+        return p.round(np.einsum("bti,bto->io", p.acc(x), p.acc(d_y)))
+
+    d_context = p.round(grad_output)
     if spec["out_proj"]:
-        grads["grad_w_o"] = np.einsum("bti,bto->io", fw.context, d_context)
+        grads["grad_w_o"] = weight_grad(fw.context, d_context)
         if "b_o" in tensors:
-            grads["grad_b_o"] = d_context.sum(axis=(0, 1))
-        d_context = d_context @ np.asarray(tensors["w_o"], dtype=np.float64).T
+            grads["grad_b_o"] = token_sum(d_context)
+        d_context = matmul(d_context, p.round(tensors["w_o"]).T)
 
     d_ctx_heads = _split_heads(d_context, h, hdv)  # [B, H, Tq, hdv]
-    p = fw.attn_weights
-    d_p = d_ctx_heads @ fw.v.swapaxes(-1, -2)
-    d_v = p.swapaxes(-1, -2) @ d_ctx_heads
-    d_scores = p * (d_p - (d_p * p).sum(axis=-1, keepdims=True))  # zero where masked
-    d_q = (d_scores @ fw.k) * fw.scale
-    d_k = (d_scores.swapaxes(-1, -2) @ fw.q) * fw.scale
+    w = fw.attn_weights
+    d_w = matmul(d_ctx_heads, fw.v.swapaxes(-1, -2))
+    d_v = matmul(w.swapaxes(-1, -2), d_ctx_heads)
+    wa, d_wa = p.acc(w), p.acc(d_w)
+    d_scores = p.round(wa * (d_wa - (d_wa * wa).sum(axis=-1, keepdims=True)))  # zero where masked
+    scale = p.accumulate(fw.scale)
+    d_q = p.round((p.acc(d_scores) @ p.acc(fw.k)) * scale)
+    d_k = p.round((p.acc(d_scores).swapaxes(-1, -2) @ p.acc(fw.q)) * scale)
 
     projected = {
         "q": _merge_heads(d_q),
-        "k": _merge_heads(_sum_groups(d_k, group)),
-        "v": _merge_heads(_sum_groups(d_v, group)),
+        "k": _merge_heads(p.round(_sum_groups(p.acc(d_k), group))),
+        "v": _merge_heads(p.round(_sum_groups(p.acc(d_v), group))),
     }
+    if projection_grads is not None:
+        projection_grads.update(projected)
     for short, input_name in PROJECTIONS[:3]:
         d_y = projected[short]
-        x = np.asarray(tensors[input_name], dtype=np.float64)
-        w = np.asarray(tensors[f"w_{short}"], dtype=np.float64)
-        grads[f"grad_w_{short}"] = np.einsum("bti,bto->io", x, d_y)
+        grads[f"grad_w_{short}"] = weight_grad(p.round(tensors[input_name]), d_y)
         if f"b_{short}" in tensors:
-            grads[f"grad_b_{short}"] = d_y.sum(axis=(0, 1))
-        grads[f"grad_{input_name}"] = d_y @ w.T
+            grads[f"grad_b_{short}"] = token_sum(d_y)
+        grads[f"grad_{input_name}"] = matmul(d_y, p.round(tensors[f"w_{short}"]).T)
     return grads
 
 
@@ -282,3 +306,67 @@ def error_scales(tensors: Mapping[str, Array], spec: Mapping[str, Any]) -> dict[
         "attn_weights": {"magnitude": logit_factor, "terms": logit_terms + spec["kv_len"]},
         "output": {"magnitude": float(out.max(initial=0.0)) * logit_factor, "terms": output_terms},
     }
+
+
+def gradient_error_scales(
+    tensors: Mapping[str, Array], spec: Mapping[str, Any], grad_output: Array
+) -> dict[str, dict]:
+    """The magnitudes that bound float rounding error in each gradient, as
+    :func:`error_scales` does for the forward: the backward pass replayed on absolute values
+    (``|dY| |W|^T``, ``|x|^T |dY|``, ``P (|dP| + rowsum(|dP| P))``, ...), so each gradient
+    gets the largest ``|x| . |y|`` along its chain and the number of terms accumulated on
+    the way (the forward's chain, then the backward's). Everything downstream of the
+    softmax weights carries the forward's ``1 + max|logit|`` factor, since an error in a
+    logit changes its weight, and so every gradient through it, by that relative amount.
+    """
+    h, hkv = spec["num_heads"], spec["num_kv_heads"]
+    hd, hdv, group = spec["head_dim"], spec["v_head_dim"], h // hkv
+    b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
+    scales = error_scales(tensors, spec)
+    factor = scales["attn_weights"]["magnitude"]
+    forward_terms = scales["attn_weights"]["terms"]  # the projections, scores and softmax
+
+    def absolute(name: str) -> Array:
+        return np.abs(np.asarray(tensors[name], dtype=np.float64))
+
+    def abs_linear(x: str, short: str) -> Array:
+        y = absolute(x) @ absolute(f"w_{short}")
+        return y + absolute(f"b_{short}") if f"b_{short}" in tensors else y
+
+    aq = _split_heads(abs_linear("query", "q"), h, hd)
+    ak = np.repeat(_split_heads(abs_linear("key", "k"), hkv, hd), group, axis=1)
+    av = np.repeat(_split_heads(abs_linear("value", "v"), hkv, hdv), group, axis=1)
+    weights = forward(tensors, spec).attn_weights
+    scale = abs(default_scale(spec))
+    d_out = np.abs(np.asarray(grad_output, dtype=np.float64))
+
+    out: dict[str, dict] = {}
+
+    def put(name: str, magnitude: Array, terms: int) -> None:
+        out[name] = {"magnitude": float(np.max(magnitude, initial=0.0)), "terms": int(terms)}
+
+    d_ctx, d_ctx_terms = d_out, 0
+    if spec["out_proj"]:
+        context = _merge_heads(weights @ av)
+        put("grad_w_o", np.einsum("bti,bto->io", context, d_out) * factor, forward_terms + hdv + b * tq)
+        if "b_o" in tensors:
+            put("grad_b_o", d_out.sum(axis=(0, 1)), b * tq)
+        d_ctx, d_ctx_terms = d_out @ absolute("w_o").T, spec["d_out"]
+    d_heads = _split_heads(d_ctx, h, hdv)
+    d_w = d_heads @ av.swapaxes(-1, -2)
+    d_w_terms = max(d_ctx_terms + hdv, forward_terms)
+    d_scores = weights * (d_w + (d_w * weights).sum(axis=-1, keepdims=True)) * factor
+    d_scores_terms = d_w_terms + tk
+    chains = {
+        "q": (_merge_heads(d_scores @ ak * scale), d_scores_terms + tk),
+        "k": (_merge_heads(_sum_groups(d_scores.swapaxes(-1, -2) @ aq * scale, group)), d_scores_terms + tq),
+        "v": (_merge_heads(_sum_groups(weights.swapaxes(-1, -2) @ d_heads, group)) * factor, d_w_terms + tq),
+    }
+    for short, input_name in PROJECTIONS[:3]:
+        d_y, terms = chains[short]
+        x = absolute(input_name)
+        put(f"grad_w_{short}", np.einsum("bti,bto->io", x, d_y), terms + group + b * x.shape[1])
+        if f"b_{short}" in tensors:
+            put(f"grad_b_{short}", d_y.sum(axis=(0, 1)), terms + group + b * x.shape[1])
+        put(f"grad_{input_name}", d_y @ absolute(f"w_{short}").T, terms + group + d_y.shape[-1])
+    return out

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,11 @@ class TorchAdapter(Adapter):
     def versions(self) -> dict[str, str]:
         return {"torch": torch().__version__}
 
+    def bench(self, case, spec, dtype, device):
+        from impls.torch_bench import bench  # timed bodies live apart from the conformance path
+
+        return bench(self, case, spec, dtype, device)
+
 
 def torch_dtype(dtype: str):
     return getattr(torch(), dtype)
@@ -98,3 +104,23 @@ def allowed_mask(spec: Mapping[str, Any], mask: np.ndarray | None, device: str):
 def linear_weight(w: np.ndarray, dtype: str, device: str):
     """A [in, out] golden weight as the [out, in] tensor nn.Linear stores."""
     return to_torch(np.ascontiguousarray(w.T), dtype, device)
+
+
+def input_leaves(inputs: Mapping[str, np.ndarray], dtype: str, device: str) -> dict[str, Any]:
+    """``query``, ``key`` and ``value`` as three separate leaf tensors that require grad: the
+    golden gradients treat them as separate arguments even where a self-attention case holds
+    one array three times, so each gets its own ``.grad``."""
+    return {n: to_torch(inputs[n], dtype, device, requires_grad=True) for n in ("query", "key", "value")}
+
+
+@contextlib.contextmanager
+def feed_projections(feeds: Mapping[Any, Any]) -> Iterator[None]:
+    """While active, each projection module in ``feeds`` reads its given tensor instead of the
+    one its caller passes (a forward pre-hook): a module that projects one sequence into
+    queries, keys and values then gives each of them its own gradient."""
+    handles = [layer.register_forward_pre_hook(lambda _m, _args, x=x: (x,)) for layer, x in feeds.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -21,12 +21,29 @@ from typing import Any
 
 import numpy as np
 
-from impls.torch_common import TorchAdapter, allowed_mask, to_numpy, to_torch, torch, torch_dtype
+from impls.adapter import POISON_LEAKS
+from impls.torch_common import (
+    TorchAdapter,
+    allowed_mask,
+    input_leaves,
+    to_numpy,
+    to_torch,
+    torch,
+    torch_dtype,
+)
+from impls.torch_sdpa import flash_backward_divergences
 
 HALF_PRESCALE = (
     "scales q by 1/sqrt(head_dim) in the half dtype before Q K^T, one more rounding than the baseline's "
     "float32 scaling of the product; with logits near 7e3 (score spacing 4 in float16, 32 in bfloat16) "
     "that moves scores by whole ulps and reaches 2-3x the straightforward computation's error"
+)
+#: torch-mha and torch-scratch alike (nn.Linear projections, torch.softmax), measured on torch 2.13.
+LINEAR_SOFTMAX_GRADS = (
+    "grad_w_q reaches 3.0x (grad_b_q 2.9x) the straightforward float32 error on this case, the same in "
+    "the seed's from-scratch module: torch's CPU softmax normalises by multiplying with 1/sum, weights an "
+    "ulp off the divided ones, and the softmax backward's cancellation dP - rowsum(dP P) amplifies that "
+    "(the baseline emulation with the reciprocal softmax alone moves grad_w_q's error 1.6x)"
 )
 NAN_ROWS = (
     "rows with no allowed key: the softmax over all -inf scores gives NaN, where the reference "
@@ -39,9 +56,17 @@ class TorchMHA(TorchAdapter):
     path = "nn.MultiheadAttention(need_weights=True, average_attn_weights=False), explicit softmax path"
     need_weights = True
     divergences = {
+        **POISON_LEAKS,
         "golden:*fully_masked*": f"nn.MultiheadAttention need_weights=True: {NAN_ROWS}",
         "golden:huge_logits_1e4:float16": f"F.multi_head_attention_forward {HALF_PRESCALE}",
         "golden:huge_logits_1e4:bfloat16": f"F.multi_head_attention_forward {HALF_PRESCALE}",
+        "gradients:*fully_masked*": f"nn.MultiheadAttention need_weights=True backward: {NAN_ROWS}, and the "
+        "NaN weights make every weight and bias gradient NaN",
+        "gradients:huge_logits_1e4:float16": f"F.multi_head_attention_forward {HALF_PRESCALE}; through the "
+        "softmax backward the gradients reach 5.5x (grad_w_k)",
+        "gradients:huge_logits_1e4:bfloat16": f"F.multi_head_attention_forward {HALF_PRESCALE}; through the "
+        "softmax backward the gradients reach 22x (grad_key)",
+        "gradients:self_basic_b2_t8_d16_h4:float32": f"nn.MultiheadAttention: {LINEAR_SOFTMAX_GRADS}",
     }
 
     def supports(self, spec: Mapping[str, Any], dtype: str, device: str) -> str | None:
@@ -111,8 +136,13 @@ class TorchMHA(TorchAdapter):
             return q, q, q  # the same tensor three times, as self-attention callers pass it
         return q, to_torch(inputs["key"], dtype, device), to_torch(inputs["value"], dtype, device)
 
-    def prepare(self, case, spec, dtype, device):
+    def prepare_training(self, case, spec, dtype, device):
+        """module.train(): nn.MultiheadAttention's own dropout (spec dropout) on the attention weights."""
+        return self.prepare(case, spec, dtype, device, training=True)
+
+    def prepare(self, case, spec, dtype, device, *, training: bool = False):
         module = self.build(case, spec, dtype, device, bias=spec["qkv_bias"] or spec["out_bias"])
+        module.train(training)
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             q, k, v = self.inputs(spec, inputs, dtype, device)
@@ -128,13 +158,52 @@ class TorchMHA(TorchAdapter):
 
         return run
 
+    def prepare_backward(self, case, spec, dtype, device):
+        """Autograd through the module with query, key and value as three leaves (so the packed
+        in-projection is split by PyTorch itself); parameter gradients come back in PyTorch's
+        [out, in] layout and are transposed, the packed ones split in three."""
+        module = self.build(case, spec, dtype, device, bias=spec["qkv_bias"] or spec["out_bias"])
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            module.zero_grad(set_to_none=True)
+            leaves = input_leaves(inputs, dtype, device)
+            attn_mask, key_padding_mask = self.masks(spec, inputs, device)
+            out, _ = module(
+                leaves["query"], leaves["key"], leaves["value"], attn_mask=attn_mask,
+                key_padding_mask=key_padding_mask, need_weights=self.need_weights, average_attn_weights=False,
+            )  # fmt: skip
+            out.backward(to_torch(inputs["grad_output"], dtype, device))
+            grads = {f"grad_{n}": leaf.grad for n, leaf in leaves.items()}
+            if module._qkv_same_embed_dim:
+                w_q, w_k, w_v = module.in_proj_weight.grad.chunk(3)
+            else:
+                w_q, w_k, w_v = (
+                    module.q_proj_weight.grad,
+                    module.k_proj_weight.grad,
+                    module.v_proj_weight.grad,
+                )
+            grads.update(
+                grad_w_q=w_q.T, grad_w_k=w_k.T, grad_w_v=w_v.T, grad_w_o=module.out_proj.weight.grad.T
+            )
+            if module.in_proj_bias is not None:  # zero-filled biases the case lacks are not returned
+                for name, grad in zip(("b_q", "b_k", "b_v"), module.in_proj_bias.grad.chunk(3), strict=True):
+                    if name in case:
+                        grads[f"grad_{name}"] = grad
+                if "b_o" in case:
+                    grads["grad_b_o"] = module.out_proj.bias.grad
+            return {name: to_numpy(grad, dtype, device) for name, grad in grads.items()}
+
+        return run
+
 
 class TorchMHANoWeights(TorchMHA):
     name = "torch-mha-noweights"
     path = "nn.MultiheadAttention(need_weights=False): F.multi_head_attention_forward through SDPA"
     need_weights = False
     divergences = {
-        "golden:huge_logits_1e4:float16": f"F.multi_head_attention_forward -> SDPA {HALF_PRESCALE}"
+        **POISON_LEAKS,
+        "golden:huge_logits_1e4:float16": f"F.multi_head_attention_forward -> SDPA {HALF_PRESCALE}",
+        **flash_backward_divergences("F.multi_head_attention_forward -> SDPA on CPU"),
     }
 
 
@@ -143,6 +212,7 @@ class TorchMHAFastPath(TorchMHA):
     path = "nn.MultiheadAttention under inference_mode, query is key is value: torch._native_multi_head_attention"
     need_weights = False
     divergences = {
+        **POISON_LEAKS,
         "golden:*fully_masked*": f"torch._native_multi_head_attention: {NAN_ROWS}",
         "golden:huge_logits_1e4:float16": f"torch._native_multi_head_attention {HALF_PRESCALE}",
         "golden:huge_logits_1e4:bfloat16": f"torch._native_multi_head_attention {HALF_PRESCALE}",
@@ -154,6 +224,12 @@ class TorchMHAFastPath(TorchMHA):
         if spec["num_heads"] % 2:
             return "the native fast path needs an even number of heads"
         return super().supports(spec, dtype, device)
+
+    def prepare_backward(self, case, spec, dtype, device):
+        raise NotImplementedError(
+            "the native fast path runs only under torch.inference_mode (or with autograd off), which "
+            "records no graph; with gradients required PyTorch takes torch-mha's Python path instead"
+        )
 
     def prepare(self, case, spec, dtype, device):
         t = torch()
@@ -189,3 +265,8 @@ class TorchMHAFastPath(TorchMHA):
             }
 
         return run
+
+    def prepare_training(self, case, spec, dtype, device):
+        raise NotImplementedError(
+            "the native fast path runs only in eval mode (nn.MultiheadAttention.forward needs not training)"
+        )

@@ -16,7 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from impls.torch_common import TorchAdapter, linear_weight, to_numpy, to_torch, torch, torch_dtype
+from impls.adapter import POISON_LEAKS
+from impls.torch_common import (
+    TorchAdapter,
+    feed_projections,
+    input_leaves,
+    linear_weight,
+    to_numpy,
+    to_torch,
+    torch,
+    torch_dtype,
+)
+from impls.torch_mha import LINEAR_SOFTMAX_GRADS
 
 NAN_ROWS = (
     "masked_fill(-inf) then softmax gives NaN for a query row with no allowed key, where the "
@@ -66,13 +77,41 @@ def module_class():
             context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
             return self.out_proj(context_vec)
 
+        def forward_cached(self, x, cache):
+            """Incremental decoding: ``x`` holds the new tokens; keys and values of earlier tokens
+            come from ``cache`` (a dict), which this call extends. The triu buffer is cut at the
+            new tokens' positions, so it is the same causal mask as the full pass."""
+            b, num_tokens, d_in = x.shape
+            start = cache["keys"].shape[2] if cache else 0
+            keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+            queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+            values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+            if cache:
+                keys = torch().cat([cache["keys"], keys], dim=2)
+                values = torch().cat([cache["values"], values], dim=2)
+            cache["keys"], cache["values"] = keys, values
+            attn_scores = queries @ keys.transpose(2, 3)
+            mask_bool = self.mask.bool()[start : start + num_tokens, : start + num_tokens]
+            attn_scores.masked_fill_(mask_bool, -torch().inf)
+            attn_weights = torch().softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+            attn_weights = self.dropout(attn_weights)
+            context_vec = (attn_weights @ values).transpose(1, 2)
+            context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
+            return self.out_proj(context_vec)
+
     return MultiHeadAttention
 
 
 class TorchScratch(TorchAdapter):
     name = "torch-scratch"
     path = "the seed's from-scratch nn.Module: Linear Q/K/V, view/transpose, triu buffer, masked_fill(-inf), softmax"
-    divergences = {"golden:*fully_masked*": f"seed from-scratch module: {NAN_ROWS}"}
+    divergences = {
+        **POISON_LEAKS,
+        "golden:*fully_masked*": f"seed from-scratch module: {NAN_ROWS}",
+        "gradients:*fully_masked*": f"seed from-scratch module backward: {NAN_ROWS}, and the NaN weights make "
+        "every weight and bias gradient NaN",
+        "gradients:self_basic_b2_t8_d16_h4:float32": f"seed from-scratch module: {LINEAR_SOFTMAX_GRADS}",
+    }
 
     def supports(self, spec: Mapping[str, Any], dtype: str, device: str) -> str | None:
         h, hd = spec["num_heads"], spec["head_dim"]
@@ -90,7 +129,11 @@ class TorchScratch(TorchAdapter):
             return "the from-scratch module's triu buffer is cut to [:T, :T] (top-left); it cannot align Tq != Tk"
         return super().supports(spec, dtype, device)
 
-    def prepare(self, case, spec, dtype, device):
+    def prepare_training(self, case, spec, dtype, device):
+        """module.train(): the seed module's nn.Dropout on the attention weights is active."""
+        return self.prepare(case, spec, dtype, device, training=True)
+
+    def prepare(self, case, spec, dtype, device, *, training: bool = False):
         t = torch()
         h, hd = spec["num_heads"], spec["head_dim"]
         module = module_class()(
@@ -110,12 +153,12 @@ class TorchScratch(TorchAdapter):
                     layer.bias.copy_(
                         to_torch(bias, dtype, device) if bias is not None else t.zeros_like(layer.bias)
                     )
-        module.eval()
+        module.train(training)
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             x = to_torch(inputs["query"], dtype, device)
             kv = None if spec["self_attention"] else to_torch(inputs["key"], dtype, device)
-            if kv is not None and not np.array_equal(inputs["key"], inputs["value"]):
+            if kv is not None and not np.array_equal(inputs["key"], inputs["value"], equal_nan=True):
                 raise NotImplementedError("the from-scratch module reads keys and values from one sequence")
             mask = inputs.get("mask")
             with t.no_grad():
@@ -125,3 +168,79 @@ class TorchScratch(TorchAdapter):
             return {"output": to_numpy(out, dtype, device)}
 
         return run
+
+    def build(self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str):
+        """The module with the case's weights in eval mode, for :meth:`prepare_backward` (the same
+        loading as :meth:`prepare`)."""
+        t = torch()
+        h, hd = spec["num_heads"], spec["head_dim"]
+        module = module_class()(
+            spec["d_in"], h * hd, context_length=max(spec["kv_len"], 1), dropout=spec["dropout"],
+            num_heads=h, qkv_bias=spec["qkv_bias"], causal=spec["causal"],
+        ).to(device=device, dtype=torch_dtype(dtype))  # fmt: skip
+        with t.no_grad():
+            for short in ("q", "k", "v", "o"):
+                layer = self.layers(module)[short]
+                layer.weight.copy_(linear_weight(case[f"w_{short}"], dtype, device))
+                if layer.bias is not None:  # out_proj always has one; a missing bias is exactly zero
+                    bias = case.get(f"b_{short}")
+                    layer.bias.copy_(
+                        to_torch(bias, dtype, device) if bias is not None else t.zeros_like(layer.bias)
+                    )
+        return module.eval()
+
+    @staticmethod
+    def layers(module) -> dict[str, Any]:
+        return {"q": module.W_query, "k": module.W_key, "v": module.W_value, "o": module.out_proj}
+
+    def prepare_backward(self, case, spec, dtype, device):
+        """Autograd through the module as written. It reads one sequence for both keys and values
+        (in self-attention for queries too), so forward pre-hooks hand W_query, W_key and W_value
+        each its own leaf holding the same values: the three gradients come out separately, as
+        the golden ones treat query, key and value as separate arguments."""
+        t = torch()
+        module = self.build(case, spec, dtype, device)
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            if not spec["self_attention"] and not np.array_equal(inputs["key"], inputs["value"]):
+                raise NotImplementedError("the from-scratch module reads keys and values from one sequence")
+            module.zero_grad(set_to_none=True)
+            leaves = input_leaves(inputs, dtype, device)
+            x = leaves["query"]
+            kv = None if spec["self_attention"] else leaves["key"]
+            mask = inputs.get("mask")
+            mask = None if mask is None else t.from_numpy(np.ascontiguousarray(mask)).to(device)
+            feeds = {
+                module.W_query: leaves["query"],
+                module.W_key: leaves["key"],
+                module.W_value: leaves["value"],
+            }
+            with feed_projections(feeds):
+                out = module(x, kv, mask)
+            out.backward(to_torch(inputs["grad_output"], dtype, device))
+            grads = {f"grad_{n}": leaf.grad for n, leaf in leaves.items()}
+            for short, layer in self.layers(module).items():
+                grads[f"grad_w_{short}"] = layer.weight.grad.T
+                if f"b_{short}" in case:  # out_proj's zero bias for a case without one is not returned
+                    grads[f"grad_b_{short}"] = layer.bias.grad
+            return {name: to_numpy(grad, dtype, device) for name, grad in grads.items()}
+
+        return run
+
+    def prepare_decoder(self, case, spec, dtype, device):
+        """The module's KV cache (``forward_cached``): one token per call, each new stream with
+        an empty cache."""
+        t = torch()
+        module = self.build(case, spec, dtype, device)
+
+        def new_stream():
+            cache: dict[str, Any] = {}
+
+            def step(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+                with t.no_grad():
+                    out = module.forward_cached(to_torch(inputs["query"], dtype, device), cache)
+                return {"output": to_numpy(out, dtype, device)}
+
+            return step
+
+        return new_stream

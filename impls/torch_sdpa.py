@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from impls.torch_common import TorchAdapter, allowed_mask, to_numpy, to_torch, torch
+from impls.adapter import POISON_LEAKS
+from impls.torch_common import TorchAdapter, allowed_mask, input_leaves, to_numpy, to_torch, torch
 
 SDPA_KERNELS = (
     "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -34,10 +35,44 @@ def profiled_kernel(fn, candidates=SDPA_KERNELS):
     return result, next((k for k in candidates if k in ran), "unknown")
 
 
+#: Why the CPU SDPA backward errs more than the straightforward computation (measured, torch 2.13).
+FLASH_BACKWARD = (
+    "the CPU backward (_scaled_dot_product_flash_attention_for_cpu_backward, for every dtype) recomputes "
+    "the weights block by block as exp(scale*s - logsumexp) from its float32 logsumexp, with q and k "
+    "pre-scaled by sqrt(scale), instead of reusing the normalised softmax; weights a few ulps off feed the "
+    "softmax backward's cancellation dP - rowsum(dP P), which amplifies them"
+)
+SINGLE_KEY_BACKWARD = (
+    "with one allowed key per row the weights recomputed from the logsumexp are 1 - O(eps), not exactly 1, "
+    "so the gradients that are exactly zero (query, key, w_q, b_q, w_k, b_k: a lone weight cannot move) "
+    "come out as rounding noise, up to 2.3e-6 in float32, where the straightforward backward gives 0"
+)
+FLASH_GRAD_CASES = {
+    "causal_tq4_tk7_bottom_right:float32": "2.05x the straightforward float32 error (grad_w_k)",
+    "decode_tq1_tk1024_long_cache:float32": "3.0x the straightforward float32 error (grad_w_o) over 1024 keys",
+    "head_dim128_h2:float32": "2.1x the straightforward float32 error (grad_query)",
+    "odd_sizes_t7_din13_h3_hd5_dout11:float32": "2.3x the straightforward float32 error (grad_b_q)",
+    "scale_one_unscaled:float32": "2.2x the straightforward float32 error (grad_w_q)",
+    "huge_logits_1e4:float32": "with logits near 7e3 the amplification reaches 6.9x (grad_w_k)",
+    "huge_logits_1e4_masked:float32": "with huge masked-out logits it reaches 29x (grad_b_v)",
+    "huge_logits_1e4:float16": "with logits near 7e3 in float16 (score spacing 4) 8.3x (grad_w_k)",
+    "huge_logits_1e4:bfloat16": "with logits near 7e3 in bfloat16 (score spacing 32) 12x (grad_key)",
+}
+
+
+def flash_backward_divergences(path: str) -> dict[str, str]:
+    """``gradients:`` divergences of a module whose backward is the CPU SDPA kernel's."""
+    found = {f"gradients:{c}": f"{path}: {FLASH_BACKWARD}: {how}" for c, how in FLASH_GRAD_CASES.items()}
+    for dtype in ("float32", "float16"):  # float64 and bfloat16 happen to round the noise away here
+        found[f"gradients:mask_diagonal_only:{dtype}"] = f"{path}: {SINGLE_KEY_BACKWARD}"
+    return found
+
+
 class TorchSDPA(TorchAdapter):
     name = "torch-sdpa"
     path = "x @ W + b projections, F.scaled_dot_product_attention(attn_mask, is_causal, scale, enable_gqa)"
     divergences = {
+        **POISON_LEAKS,
         "golden:decode_tq1_tk1024_long_cache:float32:cpu": (
             "the CPU flash kernel (_scaled_dot_product_flash_attention_for_cpu) pre-scales q and k by "
             "sqrt(scale) and rescales its online softmax block by block; over 1024 keys in float32 it reaches "
@@ -47,6 +82,7 @@ class TorchSDPA(TorchAdapter):
             "SDPA scales q and k by sqrt(scale) in float16 before Q K^T; with logits near 7e3 (score spacing 4) "
             "the extra roundings move scores by whole ulps: 2.1x the straightforward float16 error"
         ),
+        **flash_backward_divergences("SDPA on CPU"),
     }
 
     def prepare(self, case, spec, dtype, device):
@@ -87,5 +123,50 @@ class TorchSDPA(TorchAdapter):
                     out, name = profiled_kernel(lambda: attend(inputs))
                     kernel.append(name)
             return {"output": to_numpy(out, dtype, device), "meta": {"kernel": kernel[0]}}
+
+        return run
+
+    def attend(
+        self, params, query, key, value, mask: np.ndarray | None, spec: Mapping[str, Any], device: str
+    ):
+        """The attention on tensors, as :meth:`prepare` runs it: projections, SDPA, output projection
+        (written once more here, on leaves that require grad, for :meth:`prepare_backward`)."""
+        f = torch().nn.functional
+        b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
+        h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
+
+        def project(x, short: str, heads: int, width: int):
+            y = x @ params[f"w_{short}"]
+            if f"b_{short}" in params:
+                y = y + params[f"b_{short}"]
+            return y.view(b, -1, heads, width).transpose(1, 2)
+
+        q, k, v = project(query, "q", h, hd), project(key, "k", hkv, hd), project(value, "v", hkv, hdv)
+        top_left_causal = spec["causal"] and tq == tk and mask is None
+        allowed = None if top_left_causal else allowed_mask(spec, mask, device)
+        ctx = f.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, is_causal=top_left_causal, scale=spec["scale"], enable_gqa=hkv != h
+        )
+        out = ctx.transpose(1, 2).reshape(b, tq, h * hdv)
+        if spec["out_proj"]:
+            out = out @ params["w_o"]
+            if "b_o" in params:
+                out = out + params["b_o"]
+        return out
+
+    def prepare_backward(self, case, spec, dtype, device):
+        """Autograd through the same computation: weights, biases, query, key and value are
+        separate leaves (a self-attention case's one array becomes three), weights already in
+        the golden [in, out] layout."""
+        names = [n for n in case if n[:2] in ("w_", "b_")]
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            leaves = {n: to_torch(case[n], dtype, device, requires_grad=True) for n in names}
+            leaves.update(input_leaves(inputs, dtype, device))
+            out = self.attend(
+                leaves, leaves["query"], leaves["key"], leaves["value"], inputs.get("mask"), spec, device
+            )
+            out.backward(to_torch(inputs["grad_output"], dtype, device))
+            return {f"grad_{n}": to_numpy(leaf.grad, dtype, device) for n, leaf in leaves.items()}
 
         return run

@@ -13,7 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from impls.torch_common import TorchAdapter, linear_weight, to_numpy, to_torch, torch, torch_dtype
+from impls.torch_common import (
+    TorchAdapter,
+    feed_projections,
+    input_leaves,
+    linear_weight,
+    to_numpy,
+    to_torch,
+    torch,
+    torch_dtype,
+)
 
 
 def module_classes():
@@ -95,5 +104,65 @@ class TorchWrapper(TorchAdapter):
             with t.no_grad():
                 out = module(to_torch(inputs["query"], dtype, device))
             return {"output": to_numpy(out, dtype, device)}
+
+        return run
+
+    def build(self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str):
+        """The stacked heads with the case's weights in eval mode, for :meth:`prepare_backward`
+        (the same loading as :meth:`prepare`)."""
+        t = torch()
+        h, hd, group = spec["num_heads"], spec["head_dim"], spec["num_heads"] // spec["num_kv_heads"]
+        module = module_classes()(
+            spec["d_in"], hd, context_length=spec["q_len"], dropout=spec["dropout"], num_heads=h,
+            qkv_bias=spec["qkv_bias"],
+        ).to(device=device, dtype=torch_dtype(dtype))  # fmt: skip
+        with t.no_grad():
+            for i, head in enumerate(module.heads):
+                for short, layer in (("q", head.W_query), ("k", head.W_key), ("v", head.W_value)):
+                    col = i if short == "q" else i // group  # query head i reads kv head i // group
+                    layer.weight.copy_(
+                        linear_weight(case[f"w_{short}"][:, col * hd : (col + 1) * hd], dtype, device)
+                    )
+                    if layer.bias is not None:
+                        layer.bias.copy_(
+                            to_torch(case[f"b_{short}"][col * hd : (col + 1) * hd], dtype, device)
+                        )
+        return module.eval()
+
+    def prepare_backward(self, case, spec, dtype, device):
+        """Autograd through the stacked heads. Every head projects the one input x; forward
+        pre-hooks give all W_query layers the query leaf, all W_key the key leaf and all W_value
+        the value leaf (same values), so the three gradients come out separately. Head i's
+        [hd, d_in] weight gradients are transposed into columns i*hd:(i+1)*hd of the golden
+        weight; heads sharing a kv head (grouped-query) add theirs up, as tied weights do."""
+        t = torch()
+        module = self.build(case, spec, dtype, device)
+        h, hkv, hd = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            module.zero_grad(set_to_none=True)
+            leaves = input_leaves(inputs, dtype, device)
+            feeds = {}
+            for head in module.heads:
+                feeds.update(
+                    {head.W_query: leaves["query"], head.W_key: leaves["key"], head.W_value: leaves["value"]}
+                )
+            with feed_projections(feeds):
+                out = module(leaves["query"])
+            out.backward(to_torch(inputs["grad_output"], dtype, device))
+            grads = {f"grad_{n}": leaf.grad for n, leaf in leaves.items()}
+            for short, attr, heads in (("q", "W_query", h), ("k", "W_key", hkv), ("v", "W_value", hkv)):
+                w = t.zeros(spec["d_in"], heads * hd, dtype=torch_dtype(dtype), device=device)
+                b = t.zeros(heads * hd, dtype=w.dtype, device=device)
+                for i, head in enumerate(module.heads):
+                    col = i if short == "q" else i // (h // hkv)
+                    layer = getattr(head, attr)
+                    w[:, col * hd : (col + 1) * hd] += layer.weight.grad.T
+                    if layer.bias is not None:
+                        b[col * hd : (col + 1) * hd] += layer.bias.grad
+                grads[f"grad_w_{short}"] = w
+                if f"b_{short}" in case:
+                    grads[f"grad_b_{short}"] = b
+            return {name: to_numpy(grad, dtype, device) for name, grad in grads.items()}
 
         return run

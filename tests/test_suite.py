@@ -29,7 +29,16 @@ def readme_example() -> str:
 
 def run_suite(*args: str, path: Path | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {"PYTHONPATH": f"{path}:{ROOT}" if path else str(ROOT), "PATH": "/usr/bin:/bin"}
-    cmd = [sys.executable, "-m", "pytest", "conformance", "-p", "no:cacheprovider", "-q", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "conformance/test_golden.py",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -66,7 +75,7 @@ def test_function_adapter_by_module_path(user_pkg, tmp_path):
 def test_function_adapter_by_entry_point(user_pkg):
     res = run_suite("--adapter", "my-numpy", "--case", "mask_*", "--dtype", "float64", path=user_pkg)
     assert res.returncode == 0, res.stdout[-3000:]
-    assert re.search(r"my-numpy\s+float64\s+cpu\s+\d+\s+0", res.stdout), res.stdout[-2000:]
+    assert re.search(r"my-numpy\s+golden\s+float64\s+cpu\s+\d+\s+0", res.stdout), res.stdout[-2000:]
 
 
 def test_parametrize_with_cases_from_a_users_test_file(user_pkg):
@@ -116,7 +125,7 @@ def test_a_broken_copy_of_torch_scratch_fails_and_points_at_the_bug(bug, tmp_pat
     assert "broken-scratch on cpu in float32, case self_causal_b2_t8_d16_h4" in res.stdout
     assert "output: max abs err" in res.stdout and "x the precision baseline+floor" in res.stdout
     assert pattern in res.stdout, res.stdout[-3000:]
-    repro = ("Reproduce: python -m pytest conformance --adapter broken-scratch --device cpu --dtype float32 "
+    repro = ("Reproduce: python -m pytest conformance/test_golden.py --adapter broken-scratch --device cpu --dtype float32 "
              "--case self_causal_b2_t8_d16_h4")  # fmt: skip
     assert repro in res.stdout
 

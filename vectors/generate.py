@@ -25,7 +25,13 @@ EMULATION = (
     "context, output projection with bias) is computed in the accumulation dtype "
     "(float32 for float16/bfloat16, else the dtype itself) and its result rounded to the "
     "dtype. The softmax subtracts the row max, exponentiates and normalises in the "
-    "accumulation dtype. Baseline = max |emulated - float64| per tensor."
+    "accumulation dtype. The backward runs on the emulated forward's rounded intermediates, "
+    "each step (grad_output through the output projection, dP = dC V^T, dV = P^T dC, the softmax "
+    "backward P (dP - rowsum(dP P)), dQ and dK with the scale, sums over kv groups, the input, "
+    "weight and bias gradients) formed in the accumulation dtype and rounded to the dtype. "
+    "Baseline = max |emulated - float64| per tensor; for grad_b_k, which is zero in exact "
+    "arithmetic (the softmax ignores a per-row shift), at least the sum over tokens of the "
+    "emulated key-projection gradient's errors, which bounds its noise in any summation order."
 )
 
 
@@ -120,14 +126,46 @@ def build_inputs(spec: dict[str, Any]) -> dict[str, np.ndarray]:
     return t
 
 
-def baselines(spec: dict[str, Any], tensors: dict[str, np.ndarray], truth: reference.Forward) -> dict:
-    """Per dtype, the reference's own error in that dtype, plus the error magnitudes."""
-    out: dict[str, Any] = {"emulation": EMULATION, "error_scale": reference.error_scales(tensors, spec)}
+def key_bias_bound(emulated: np.ndarray, truth: np.ndarray) -> float:
+    """The baseline of ``grad_b_k``: the sum over batch and tokens of the per-token errors of
+    the key projection's gradient, the largest column.
+
+    A key bias shifts every score of a query row by the same ``q . b_k``, which the softmax
+    ignores, so ``grad_b_k`` is zero in exact arithmetic and what any implementation returns
+    is the rounding noise of its own summation order: one order's noise (the emulation's)
+    does not bound another's. Summing the per-token errors' magnitudes does, for any order.
+    """
+    return float(np.max(np.abs(emulated - truth).sum(axis=(0, 1)), initial=0.0))
+
+
+def baselines(
+    spec: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    truth: reference.Forward,
+    grads: dict[str, np.ndarray] | None = None,
+) -> dict:
+    """Per dtype, the reference's own error in that dtype for ``output``, ``attn_weights``
+    and each gradient the case holds (``spec["gradients"]``), plus the error magnitudes."""
+    inputs = {k: v for k, v in tensors.items() if k in golden.INPUT_NAMES}
+    truth_d_y: dict[str, np.ndarray] = {}
+    fresh = reference.backward(inputs, spec, tensors["grad_output"], projection_grads=truth_d_y)
+    grads = fresh if grads is None else grads
+    scales = reference.error_scales(inputs, spec)
+    every_grad = reference.gradient_error_scales(inputs, spec, tensors["grad_output"])
+    scales.update({name: every_grad[name] for name in spec["gradients"]})
+    out: dict[str, Any] = {"emulation": EMULATION, "error_scale": scales}
     for dtype in spec["dtypes"]:
-        emulated = reference.forward(tensors, spec, reference.PRECISIONS[dtype])
+        precision = reference.PRECISIONS[dtype]
+        emulated = reference.forward(inputs, spec, precision)
+        emulated_d_y: dict[str, np.ndarray] = {}
+        emulated_grads = reference.backward(inputs, spec, tensors["grad_output"], precision, emulated_d_y)
+        pairs = {name: (getattr(emulated, name), getattr(truth, name)) for name in ("output", "attn_weights")}
+        pairs.update({name: (emulated_grads[name], grads[name]) for name in spec["gradients"]})
         errs = {}
-        for name in ("output", "attn_weights"):
-            err = float(np.max(np.abs(getattr(emulated, name) - getattr(truth, name)), initial=0.0))
+        for name, (got, want) in pairs.items():
+            err = float(np.max(np.abs(got - want), initial=0.0))
+            if name == "grad_b_k":
+                err = max(err, key_bias_bound(emulated_d_y["k"], truth_d_y["k"]))
             if not np.isfinite(err):
                 raise ValueError(
                     f"case {spec['id']}: the {dtype} emulation of {name} is not finite; "
@@ -147,7 +185,7 @@ def case_tensors(spec: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
     tensors["output"] = truth.output
     tensors["attn_weights"] = truth.attn_weights
     tensors.update({name: grads[name] for name in spec["gradients"]})
-    return tensors, baselines(spec, tensors, truth)
+    return tensors, baselines(spec, tensors, truth, grads)
 
 
 def generate(

@@ -43,6 +43,11 @@ class GoldenCase:
     tensors: dict[str, np.ndarray]
     baseline: dict[str, Any]
     path: Path
+    #: Made in memory (a transformed or fuzzed case), not read from the store: a worker
+    #: process must be sent its tensors rather than load it by id.
+    synthetic: bool = False
+    #: The file's sha256, so a worker process can tell it reads the same bytes as the suite.
+    sha256: str = ""
 
     @property
     def id(self) -> str:
@@ -223,7 +228,7 @@ def load_case(case_id: str, root: Path = VECTORS_DIR, manifest: dict | None = No
     except Exception as exc:  # safetensors raises its own error types for damaged data
         raise VectorError(f"case {case_id}: {path} cannot be read ({exc}); {REGENERATE}") from None
     check_layout(path, spec, tensors)
-    return GoldenCase(spec, tensors, baseline, path)
+    return GoldenCase(spec, tensors, baseline, path, sha256=digest)
 
 
 def check_layout(path: Path, spec: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:

@@ -46,9 +46,19 @@ def verify_case(case_id: str, root: Path, manifest: dict, catalogue: dict[str, d
                 f"stored inputs; the file or impls/reference.py changed; {golden.REGENERATE}"
             )
     stored_base = case.baseline
-    fresh_base = baselines(spec, case.tensors, truth)
+    fresh_base = baselines(spec, case.tensors, truth, grads)
+    for name, scale in fresh_base["error_scale"].items():
+        stored = stored_base.get("error_scale", {}).get(name)
+        if (
+            stored is None
+            or not np.isclose(stored.get("magnitude"), scale["magnitude"], rtol=1e-6)
+            or (stored.get("terms") != scale["terms"])
+        ):
+            problems.append(
+                f"case {case_id}: error_scale for '{name}' is {stored}, recomputed {scale}; {golden.REGENERATE}"
+            )
     for dtype in spec["dtypes"]:
-        for name in ("output", "attn_weights"):
+        for name in ("output", "attn_weights", *spec["gradients"]):
             a, b = stored_base.get(dtype, {}).get(name), fresh_base[dtype][name]
             if a is None or not np.isclose(a, b, rtol=1e-3, atol=1e-30):
                 problems.append(

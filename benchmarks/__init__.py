@@ -1,0 +1,2 @@
+"""The asv benchmark suite: how fast each adapter's attention runs, per device (README,
+"Benchmarks and dashboards")."""

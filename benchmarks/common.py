@@ -1,0 +1,396 @@
+"""What every benchmark shares: the configurations, the correctness gate, FLOP counts and the
+measured peak (in the spirit of numpy's ``benchmarks/benchmarks/common.py``).
+
+Nothing here imports a framework: adapters do, inside ``setup``, so the suite imports on any
+machine and a missing framework or device is a ``NotImplementedError`` (asv's skip).
+
+A configuration is adapter x shape x dtype x causal on the device named by
+``MHA_BENCH_DEVICE`` (default ``cpu``; the nox session sets it and names the asv machine
+``<host>-<device>``). Shapes are the seed documents' systems at several sequence lengths,
+``<preset>-t<seq_len>``, with ``batch = max(1, TOKENS // seq_len)``: short sequences still
+make calls long enough to time, and the attention part grows with the sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from conformance import registry
+from conformance.tolerance import DEFAULT_K, judge
+from impls import reference
+from impls.bench import Bench, bench_threads
+from vectors.catalogue import spec as catalogue_spec
+from vectors.generate import build_inputs
+
+DEVICE_ENV = "MHA_BENCH_DEVICE"
+#: JSON file shared by the processes of one run (the nox session gives each run a fresh one).
+RUN_CACHE_ENV = "MHA_BENCH_RUN_CACHE"
+
+#: The seed documents' systems: the from-scratch GPT-style module (d 512, 8 heads of 64,
+#: Linear(bias=False) for Q/K/V) and the original Transformer's attention (d_model 512,
+#: 8 heads, d_k = d_v = 64, biased projections).
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt": {"d_in": 512, "num_heads": 8, "head_dim": 64, "qkv_bias": False},
+    "transformer": {"d_in": 512, "num_heads": 8, "head_dim": 64, "qkv_bias": True},
+}
+SEQ_LENS = (128, 512, 2048)
+#: Tokens per call: batch = max(1, TOKENS // seq_len) (8 x 128, 2 x 512, 1 x 2048).
+TOKENS = 1024
+SHAPES = tuple(f"{preset}-t{n}" for preset in PRESETS for n in SEQ_LENS)
+DTYPES = ("float32", "bfloat16", "float16")
+CAUSAL = (False, True)
+#: Every built-in adapter; one whose framework is not installed skips.
+ADAPTERS = tuple(registry.BUILTINS)
+NUMPY_DTYPES = {
+    "float64": np.float64,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+}
+#: The gate compares this many query rows (the first and last halves) against the reference.
+GATE_ROWS = 32
+#: On CPU, the causality each preset runs with (``plan_skip``).
+CPU_CAUSALITY = {"gpt": True, "transformer": False}
+#: Matrix size for the measured peak: large enough to reach the device's steady GEMM rate.
+PEAK_N = {"cpu": 2048, "cuda": 8192, "mps": 4096}
+
+
+class WrongResult(AssertionError):
+    """The benchmarked configuration computes the wrong attention: no timing is posted."""
+
+
+def device() -> str:
+    """The device the benchmarks run on, from ``MHA_BENCH_DEVICE`` (default cpu)."""
+    return os.environ.get(DEVICE_ENV, "") or "cpu"
+
+
+def config_spec(shape: str, causal: bool) -> dict[str, Any]:
+    """A full spec (catalogue keys) for a benchmark shape such as ``gpt-t2048``."""
+    preset, _, seq = shape.rpartition("-t")
+    if preset not in PRESETS or not seq.isdigit():
+        raise ValueError(
+            f"benchmark shape {shape!r}: expected <preset>-t<seq_len> with preset in {list(PRESETS)}"
+        )
+    n = int(seq)
+    return catalogue_spec(
+        f"bench_{shape}_{'causal' if causal else 'full'}",
+        f"benchmark configuration {shape}, {'causal' if causal else 'no mask'}",
+        batch=max(1, TOKENS // n),
+        q_len=n,
+        causal=causal,
+        dtypes=("float32", "bfloat16"),  # inputs exact in both (float16's range is wider)
+        **PRESETS[preset],
+    )
+
+
+def forward_flops(spec: dict[str, Any]) -> float:
+    """Useful floating-point operations of one forward pass (a multiply-add counts 2).
+
+    Projections, Q K^T and P V, and the output projection. Causal attention counts only the
+    allowed (query, key) pairs, as FlashAttention's benchmarks do: a kernel that computes
+    the masked half and throws it away does no useful work there. Softmax is left out.
+    """
+    b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
+    h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
+    proj = tq * spec["d_in"] * h * hd + tk * (spec["kdim"] * hkv * hd + spec["vdim"] * hkv * hdv)
+    if spec["out_proj"]:
+        proj += tq * h * hdv * spec["d_out"]
+    pairs = tq * tk
+    if spec["causal"]:
+        i = np.arange(tq)[:, None]
+        pairs = int((np.arange(tk)[None, :] <= i + (tk - tq)).sum())
+    return 2.0 * b * (proj + h * pairs * (hd + hdv))
+
+
+def plan_skip(shape: str, dtype: str, causal: bool, dev: str) -> str | None:
+    """Why a configuration is left out of the plan on ``dev`` whatever the adapter, else None.
+
+    On a CPU (two cores on this project's machines, the whole matrix within 10 minutes):
+
+    * float16 is left out: CPU frameworks emulate its matmuls (torch 2.13 here: ~20x slower
+      than float32), so a timing would measure the emulation, not attention.
+    * each preset runs with the causality of the seed system it stands for: GPT is a
+      decoder (causal), the Transformer preset its encoder (no mask). The crossed pairs
+      repeat the same GEMM shapes with or without a Q/K/V bias add: duplicates on a device
+      where every configuration costs seconds. GPUs run every pairing.
+    """
+    if dev != "cpu":
+        return None
+    if dtype == "float16":
+        return "float16 on CPU measures an emulation (no native float16 GEMM); benchmarked on GPUs only"
+    preset = shape.rpartition("-t")[0]
+    if preset in CPU_CAUSALITY and CPU_CAUSALITY[preset] != causal:
+        kind = "causal (a decoder)" if CPU_CAUSALITY[preset] else "without a mask (the encoder)"
+        return f"on CPU the {preset} preset runs {kind} only; the crossed pairing duplicates the other preset"
+    return None
+
+
+def adapter_skip(adapter, spec: dict[str, Any], dtype: str, dev: str) -> str | None:
+    """Why ``adapter`` cannot run this configuration here (framework, device, dtype, spec)."""
+    return (
+        adapter.missing()
+        or adapter.device_unavailable(dev)
+        or (None if dtype in adapter.dtypes else f"{adapter.name} does not support {dtype}")
+        or adapter.supports(spec, dtype, dev)
+    )
+
+
+def gate(bench: Bench, inputs: dict[str, np.ndarray], spec: dict[str, Any], dtype: str, label: str) -> float:
+    """Check the configuration against the float64 reference before anything is timed.
+
+    The tolerance is the suite's rule (``conformance/tolerance.py``) with the baseline of
+    the reference run in the benchmark's dtype (float32 for float32). To stay cheap at long
+    sequences only the first and last ``GATE_ROWS // 2`` queries of batch row 0 are
+    recomputed: the causal rule becomes an explicit mask for those rows, so every key they
+    may see is still checked. Returns the error ratio; raises :class:`WrongResult`.
+    """
+    tq, tk = spec["q_len"], spec["kv_len"]
+    rows = np.unique(np.r_[np.arange(min(GATE_ROWS // 2, tq)), np.arange(max(tq - GATE_ROWS // 2, 0), tq)])
+    sub = {**spec, "batch": 1, "q_len": len(rows), "causal": False, "self_attention": False}
+    tensors = {k: np.asarray(v, np.float64) for k, v in inputs.items() if k != "grad_output"}
+    tensors["query"] = tensors["query"][:1, rows]
+    tensors["key"], tensors["value"] = tensors["key"][:1], tensors["value"][:1]
+    if spec["causal"]:
+        tensors["mask"] = (np.arange(tk)[None, :] <= rows[:, None] + (tk - tq))[None, None]
+    truth = reference.forward(tensors, sub)
+    emulated = reference.forward(tensors, sub, reference.PRECISIONS[dtype])
+    baseline = float(np.max(np.abs(emulated.output - truth.output)))
+    actual = bench.to_numpy(bench.forward())
+    bench.sync()
+    if getattr(actual, "shape", None) != (spec["batch"], tq, spec["d_out"]):
+        raise WrongResult(f"{label}: output shape {getattr(actual, 'shape', None)}, expected "
+                          f"{(spec['batch'], tq, spec['d_out'])}; no timing is posted")  # fmt: skip
+    verdict = judge(
+        actual[:1, rows], truth.output, tensor="output", dtype=dtype, baseline=baseline,
+        error_scale=reference.error_scales(tensors, sub)["output"], k=DEFAULT_K,
+    )  # fmt: skip
+    if not verdict.passed:
+        raise WrongResult(
+            f"{label}: wrong result, no timing is posted: {verdict.describe()}\n"
+            f"Check it with the conformance suite: python -m pytest conformance --adapter {label.split()[0]}"
+        )
+    return verdict.ratio
+
+
+def config_key(adapter_name: str, shape: str, dtype: str, causal: bool, dev: str) -> str:
+    return f"{adapter_name}|{shape}|{dtype}|causal={causal}|{dev}|threads={bench_threads()}"
+
+
+def read_run_cache() -> dict[str, Any]:
+    """What earlier processes of this run found (``MHA_BENCH_RUN_CACHE``), else {}.
+
+    asv runs every benchmark in a fresh process; the cache carries, within one run, what is
+    measured once: the device's peak, each configuration's gate verdict (later processes do
+    not recompute the reference) and ``time_forward``'s median (the ``track_`` figures
+    derive from it instead of importing the framework again). A damaged cache is ignored.
+    """
+    path = os.environ.get(RUN_CACHE_ENV)
+    if not path or not Path(path).is_file():
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def update_run_cache(section: str, key: str, value: dict[str, Any]) -> None:
+    """Merge one entry into the run cache (written atomically; asv runs one process at a time)."""
+    path = os.environ.get(RUN_CACHE_ENV)
+    if not path:
+        return
+    data = read_run_cache()
+    entries = data.get(section) if isinstance(data.get(section), dict) else {}
+    entries[key] = {**entries.get(key, {}), **value}
+    data[section] = entries
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def cached_config(key: str) -> dict[str, Any] | None:
+    """This run's record of a configuration (status ok/skip/wrong), raising what it recorded."""
+    entry = read_run_cache().get("configs", {}).get(key)
+    if not isinstance(entry, dict):
+        return None
+    if entry.get("status") == "skip":
+        raise NotImplementedError(str(entry.get("reason")))
+    if entry.get("status") == "wrong":
+        raise WrongResult(str(entry.get("reason")))
+    return entry if entry.get("status") == "ok" else None
+
+
+@dataclass
+class Configuration:
+    """One benchmarked configuration, built and checked once per process."""
+
+    key: str
+    label: str
+    spec: dict[str, Any]
+    dtype: str
+    device: str
+    framework: str
+    bench: Bench
+    durations: list[float] = field(default_factory=list)
+
+    @property
+    def flops(self) -> float:
+        return forward_flops(self.spec)
+
+    def forward(self) -> None:
+        """The timed body: one forward pass, then wait for the device."""
+        self.bench.forward()
+        self.bench.sync()
+
+    def forward_recorded(self) -> None:
+        """``forward`` that also keeps its own duration (two clock reads, ~0.1 us), so the
+        run's median reaches the ``track_`` benchmarks through the run cache."""
+        t0 = time.perf_counter()
+        self.bench.forward()
+        self.bench.sync()
+        self.durations.append(time.perf_counter() - t0)
+
+    def record_median(self) -> None:
+        if self.durations:
+            median = statistics.median(self.durations)
+            update_run_cache("configs", self.key, {"forward_median": median, "samples": len(self.durations)})
+
+
+@cache
+def configuration(adapter_name: str, shape: str, dtype: str, causal: bool, dev: str) -> Configuration:
+    """Build (once per process: asv re-runs ``setup`` between samples) and gate a configuration.
+
+    Raises NotImplementedError (asv's skip) for what cannot run here, WrongResult for a
+    kernel that computes the wrong thing; both are recorded in the run cache.
+    """
+    key = config_key(adapter_name, shape, dtype, causal, dev)
+    label = f"{adapter_name} {shape} {dtype} causal={causal} on {dev}"
+    known = cached_config(key)
+    spec = config_spec(shape, causal)
+    adapter = registry.builtin(adapter_name)
+    reason = plan_skip(shape, dtype, causal, dev) or adapter_skip(adapter, spec, dtype, dev)
+    if reason:
+        update_run_cache("configs", key, {"status": "skip", "reason": f"{label}: {reason}"})
+        raise NotImplementedError(f"{label}: {reason}")
+    inputs = build_inputs(spec)  # seeded by the spec id: the same inputs on every machine
+    cast = {k: v if v.dtype == np.bool_ else v.astype(NUMPY_DTYPES[dtype]) for k, v in inputs.items()}
+    bench = adapter.bench(cast, spec, dtype, dev)
+    framework = adapter.framework or adapter_name
+    if known is None:  # not yet gated in this run
+        try:
+            ratio = gate(bench, inputs, spec, dtype, label)
+        except WrongResult as exc:
+            update_run_cache("configs", key, {"status": "wrong", "reason": str(exc)})
+            raise
+        update_run_cache("configs", key, {"status": "ok", "gate_ratio": ratio, "framework": framework,
+                                          "backward": bench.make_backward is not None})  # fmt: skip
+    return Configuration(key, label, spec, dtype, dev, framework, bench)
+
+
+@cache
+def backward_of(adapter_name: str, shape: str, dtype: str, causal: bool, dev: str) -> Callable[[], None]:
+    """The timed backward body of a configuration (graph recorded once per process)."""
+    entry = cached_config(config_key(adapter_name, shape, dtype, causal, dev))
+    if entry and entry.get("backward") is False:
+        raise NotImplementedError(
+            f"{adapter_name} {shape} {dtype}: this path cannot backprop (inference only)"
+        )
+    config = configuration(adapter_name, shape, dtype, causal, dev)
+    if config.bench.make_backward is None:
+        raise NotImplementedError(f"{config.label}: this path cannot backprop (inference only)")
+    backward, sync = config.bench.make_backward(), config.bench.sync
+
+    def timed() -> None:
+        backward()
+        sync()
+
+    return timed
+
+
+def median_seconds(fn: Callable[[], None], min_time: float = 0.3, min_runs: int = 5) -> float:
+    """Median wall time of ``fn`` (which synchronises itself) after one warm-up call."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_time and len(times) < 1000):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclass
+class Figures:
+    """What the ``track_`` benchmarks report for one configuration."""
+
+    flops: float
+    seconds: float
+    framework: str
+    config: Configuration | None  # built only when this run had no figures yet
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.seconds / 1e9
+
+
+def forward_figures(adapter_name: str, shape: str, dtype: str, causal: bool, dev: str) -> Figures:
+    """FLOPs and median forward time: from this run's ``time_forward`` when it ran (no
+    framework import), else built, gated and measured here."""
+    key = config_key(adapter_name, shape, dtype, causal, dev)
+    entry = cached_config(key)
+    flops = forward_flops(config_spec(shape, causal))
+    if entry and isinstance(entry.get("forward_median"), float) and entry.get("framework"):
+        return Figures(flops, entry["forward_median"], entry["framework"], None)
+    config = configuration(adapter_name, shape, dtype, causal, dev)
+    return Figures(flops, median_seconds(config.forward), config.framework, config)
+
+
+def measure_peak(config: Configuration) -> float:
+    """The device's GEMM rate in GFLOP/s: the best of several n x n products in the same
+    framework, dtype and device (n from ``PEAK_N``)."""
+    if config.bench.matmul is None:
+        raise NotImplementedError(f"{config.label}: the adapter offers no matmul for the peak")
+    n = PEAK_N.get(config.device, 4096)
+    product, sync = config.bench.matmul(n), config.bench.sync
+
+    def once() -> None:
+        product()
+        sync()
+
+    once()
+    best = min(_timed(once) for _ in range(5))
+    return 2.0 * n**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def peak_key(framework: str, dev: str, dtype: str) -> str:
+    """Peaks are per framework, device, dtype and thread count: each has its own GEMM."""
+    return f"{framework}|{dev}|{dtype}|threads={bench_threads()}"
+
+
+def peak_gflops(adapter_name: str, shape: str, dtype: str, causal: bool, dev: str, framework: str) -> float:
+    """The device's measured peak, once per run (run cache), else measured in this process."""
+    key = peak_key(framework, dev, dtype)
+    entry = read_run_cache().get("peak", {}).get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("gflops"), float):
+        return entry["gflops"]
+    gflops = measure_peak(configuration(adapter_name, shape, dtype, causal, dev))
+    update_run_cache("peak", key, {"gflops": gflops, "n": PEAK_N.get(dev, 4096), "measured": time.time()})
+    return gflops

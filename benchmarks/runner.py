@@ -1,0 +1,216 @@
+"""One ``nox -s benchmarks`` run on one device: plan, machine, asv, summary (a CLI).
+
+``python -m benchmarks.runner --device cpu --adapter 'torch-*' [asv run arguments]``
+
+* **Plan**: the ``--bench`` regexes that select exactly the configurations that can run
+  here (asv starts a process per configuration even to skip it, so selecting up front is
+  what keeps the CPU matrix within minutes).
+* **Machine**: ``<host>-<device>``, registered with ``asv machine`` with the CPU or GPU
+  name and the thread count the run fixes: asv records no GPU, so the device is part of
+  the machine name and results of different devices never mix.
+* **Run**: ``asv run --python=same`` in this environment; with a clean git tree it records
+  history (``--set-commit-hash HEAD``), otherwise it runs without saving and says so.
+  Table rows of unselected parameters (asv prints every combination) are left out.
+* **Summary**: every configuration's status, median forward time and gate ratio, from the
+  run cache (``.asv/runs/<machine>-<time>.json``, which stays as the run's log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from . import common
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = r"bench_attention\.(Forward|Gradients|Roofline)\."
+#: asv prints a table row per parameter combination; unselected ones end in n/a.
+NOISE = re.compile(r"^\s*(\S+\s+){4}n/a\s*$")
+
+
+def param_regex(adapter: str, shape: str, dtype: str, causal: bool) -> str:
+    """A regex matching asv's name of one parameter combination (``name('a', 's', 'd', True)``)."""
+    return BENCHMARKS + r"\w+\(" + re.escape(f"'{adapter}', '{shape}', '{dtype}', {causal}") + r"\)"
+
+
+def default_dtypes(device: str) -> list[str]:
+    """Dtypes a run measures unless ``--dtype`` says otherwise: float32 on a CPU, where the
+    whole default matrix must fit in 10 minutes on two cores (``--dtype bfloat16`` adds the
+    bfloat16 half); every dtype elsewhere."""
+    return ["float32"] if device == "cpu" else list(common.DTYPES)
+
+
+def plan(device: str, patterns: list[str], dtypes: list[str] | None = None) -> dict[str, Any]:
+    """The machine and the selection for ``device``, the built-in adapters matching
+    ``patterns`` and ``dtypes`` (default :func:`default_dtypes`)."""
+    from conformance import registry
+    from impls.adapter import Adapter, cpu_name
+    from impls.bench import bench_threads
+
+    adapters = [registry.builtin(n) for n in common.ADAPTERS if any(fnmatchcase(n, p) for p in patterns)]
+    runnable = [a for a in adapters if not a.missing()]
+    untimed = [a.name for a in runnable if type(a).bench is Adapter.bench]  # no timed path yet
+    runnable = [a for a in runnable if a.name not in untimed]
+    selected, skipped = [], Counter()
+    dtypes = dtypes or default_dtypes(device)
+    for a, shape, dtype, causal in itertools.product(runnable, common.SHAPES, dtypes, common.CAUSAL):
+        spec = common.config_spec(shape, causal)
+        reason = common.plan_skip(shape, dtype, causal, device) or common.adapter_skip(a, spec, dtype, device)
+        if reason:
+            skipped[f"{a.name}: {reason}" if "on CPU" not in reason else reason] += 1
+        else:
+            selected.append(param_regex(a.name, shape, dtype, causal))
+    reachable = [a for a in runnable if not a.device_unavailable(device)]
+    hardware = reachable[0].device_name(device) if reachable else cpu_name()
+    threads = bench_threads()
+    return {
+        "machine": f"{platform.node() or 'host'}-{device}",
+        "machine_info": {
+            "os": f"{platform.system()} {platform.release()}",
+            "arch": platform.machine(),
+            "cpu": f"{hardware}; {threads} CPU threads",
+            "num_cpu": str(threads),
+            "ram": _memory(),
+        },
+        "threads": threads,
+        "adapters": [a.name for a in runnable],
+        "missing": {a.name: a.missing() for a in adapters if a.missing()},
+        "untimed": untimed,
+        "bench": selected,
+        "skipped": dict(skipped),
+    }
+
+
+def devices(patterns: list[str]) -> list[str]:
+    """Every device some selected, installed adapter reaches here (``--device all``)."""
+    from conformance import registry
+
+    found: list[str] = []
+    for name in common.ADAPTERS:
+        if any(fnmatchcase(name, p) for p in patterns):
+            adapter = registry.builtin(name)
+            if not adapter.missing():
+                found += [d for d in adapter.devices() if d not in found]
+    return found or ["cpu"]
+
+
+def _memory() -> str:
+    try:
+        with open("/proc/meminfo") as info:
+            return str(int(info.readline().split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        return "unknown"
+
+
+def clean_head() -> str | None:
+    """HEAD's full hash when the work tree is clean (results then belong to that commit), else None."""
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip()  # fmt: skip
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return None if dirty else head
+
+
+def summary(cache: dict[str, Any]) -> str:
+    """The run's configurations as a table: status, median forward time, gate ratio."""
+    rows = [("configuration", "status", "forward (median)", "gate ratio")]
+    for key, entry in sorted(cache.get("configs", {}).items()):
+        name = " ".join(key.split("|")[:4])
+        median = entry.get("forward_median")
+        ratio = entry.get("gate_ratio")
+        status = entry.get("status", "?")
+        if status != "ok":
+            status += ": " + str(entry.get("reason", "")).split(": ", 1)[-1].splitlines()[0][:90]
+        rows.append(
+            (name, status, f"{median * 1e3:.2f} ms" if median else "-", f"{ratio:.3g}" if ratio else "-")
+        )
+    for key, entry in sorted(cache.get("peak", {}).items()):
+        rows.append((f"peak {key}", "ok", f"{entry.get('gflops', 0):.1f} GFLOP/s", "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def run(device: str, patterns: list[str], dtypes: list[str], asv_args: list[str]) -> int:
+    """Plan, register the machine, run asv with the output filtered, print the summary."""
+    p = plan(device, patterns, dtypes)
+    print(
+        f"benchmarks: machine {p['machine']} ({p['machine_info']['cpu']}), adapters {', '.join(p['adapters'])}"
+    )
+    for name, why in p["missing"].items():
+        print(f"  not installed: {name}: {why}")
+    if p["untimed"]:
+        print(f"  no timed path (Adapter.bench) yet: {', '.join(p['untimed'])}")
+    for why, count in p["skipped"].items():
+        print(f"  left out: {count} x {why}")
+    if not p["bench"]:
+        print("benchmarks: nothing to run on this device")
+        return 0
+    info = [a for k, v in p["machine_info"].items() for a in (f"--{k}", v)]
+    subprocess.run(["asv", "machine", "--machine", p["machine"], *info, "--yes"], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+    commit = clean_head()
+    quick = "--quick" in asv_args or "-q" in asv_args
+    record = ["--set-commit-hash", commit] if commit and not quick else []
+    print(
+        f"benchmarks: {len(p['bench'])} configurations; "
+        + (f"recording history for commit {commit[:12]} in .asv/results/{p['machine']}/" if record else
+           "NOT recording history (" + ("--quick" if quick else "the work tree has uncommitted changes;"
+           " commit them to record results for a commit") + ")")
+    )  # fmt: skip
+    cache_file = (
+        ROOT / ".asv" / "runs" / f"{p['machine']}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    )
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, MHA_BENCH_DEVICE=device, MHA_BENCH_THREADS=str(p["threads"]))
+    env[common.RUN_CACHE_ENV] = str(cache_file)
+    selection = [a for regex in p["bench"] for a in ("--bench", regex)]
+    cmd = ["asv", "run", "--python=same", "--machine", p["machine"], *record, *selection, *asv_args]
+    started = time.time()
+    with subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if not NOISE.match(line) and "profiler_st" not in line:
+                print(line, end="", flush=True)
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    print(summary(cache))
+    print(
+        f"benchmarks: asv exited {proc.returncode} after {time.time() - started:.0f} s; run log {cache_file.relative_to(ROOT)}"
+    )
+    return proc.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.runner", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps, or all")
+    parser.add_argument("--adapter", action="append", default=[], help="glob on built-in adapter names")
+    parser.add_argument("--dtype", action="append", default=[], choices=common.DTYPES,
+                        help="dtypes to measure (default float32 on cpu, all elsewhere)")  # fmt: skip
+    parser.add_argument("--plan", action="store_true", help="print the plan as JSON and stop")
+    args, asv_args = parser.parse_known_args(argv)
+    patterns = args.adapter or ["*"]
+    targets = devices(patterns) if args.device == "all" else [args.device]
+    if args.plan:
+        print(json.dumps({d: plan(d, patterns, args.dtype) for d in targets}, indent=1))
+        return 0
+    return max(run(d, patterns, args.dtype, asv_args) for d in targets)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

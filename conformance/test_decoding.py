@@ -1,0 +1,46 @@
+"""Incremental decoding: feeding one token at a time through an adapter's KV cache gives the
+full causal pass's output (``test_decoding[decoding-<adapter>-<device>-<dtype>-<case>]``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conformance.harness import CheckRecord, load, reproduce_line, unsupported
+from conformance.tolerance import judge
+
+CHECK = "decoding"
+
+
+def select(spec: dict) -> bool:
+    """Causal self-attention without an extra mask, short enough to step through token by token."""
+    return (
+        spec["causal"] and spec["self_attention"] and spec["mask"] is None
+        and 2 <= spec["q_len"] <= 64 and not spec["fully_masked_rows"]
+    )  # fmt: skip
+
+
+def test_decoding(target, suite, request):
+    record = request.node.mha_record = CheckRecord()
+    adapter = suite.by_name[target.adapter]
+    case = load(target.case, suite.vectors)
+    reason = unsupported(adapter, case, target.dtype, target.device)
+    if reason:
+        pytest.skip(reason)
+    ex = suite.runner.execute(adapter, case, target.dtype, target.device, "decode")
+    if ex.status == "skip":
+        pytest.skip(ex.message)
+    where = f"{adapter.name} on {target.device} in {target.dtype}, case {case.id}, decoding token by token"
+    test = "conformance/test_decoding.py"
+    repro = "Reproduce: " + reproduce_line(
+        adapter.name, target.device, target.dtype, case.id, suite.k, test=test
+    )
+    if ex.status != "ok":
+        raise AssertionError(f"{where}: {ex.message}\n{repro}")
+    record.meta.update(ex.result.get("meta", {}))
+    verdict = judge(
+        ex.result["output"], case.tensors["output"], tensor="output", dtype=target.dtype,
+        baseline=case.baseline[target.dtype]["output"], error_scale=case.baseline["error_scale"]["output"], k=suite.k,
+    )  # fmt: skip
+    record.verdicts.append(verdict)
+    if not verdict.passed:
+        raise AssertionError(f"{where}: differs from the full causal pass\n  {verdict.describe()}\n{repro}")

@@ -1,0 +1,262 @@
+"""``flax.nnx.MultiHeadAttention`` through its two code paths.
+
+* ``flax-mha``: the default ``attention_fn``, which hands attention to
+  ``jax.nn.dot_product_attention`` when dropout is 0 and no weights are sown.
+* ``flax-mha-weights``: ``sow_weights=True``, Flax's own einsum + masked softmax
+  (``dot_product_attention_weights``), whose per-head weights are read back from the
+  module's ``Intermediate`` state.
+
+Kernels go in as Flax stores them: query/key/value [in, heads, head_dim] with biases
+[heads, head_dim], output [H, head_dim, out]. The mask is [B, H|1, Tq, Tk], True = attend,
+with the causal rule added bottom-right aligned; ``deterministic=True``. The forward is
+``jax.jit``-compiled once per prepared (case, dtype, device) over the split module state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from impls.adapter import POISON_LEAKS
+from impls.jax_common import UNIFORM_ROWS, JaxAdapter, allowed, jax, several_keys_per_row
+from impls.jax_sdpa import BF16_BIAS_SUM, BF16_BIAS_SUM_CASES, FLOAT32_SOFTMAX
+
+HALF_PRESCALE = (
+    "divides q by sqrt(head_dim) in the half dtype before Q K^T (query / sqrt(depth).astype(dtype)), one more "
+    "rounding than the baseline's float32 scaling of the product; with logits near 7e3 (score spacing 4 in "
+    "float16, 32 in bfloat16) that moves scores by whole ulps: 2-2.6x the straightforward computation's error"
+)
+
+
+XLA_FLOAT32_BACKWARD = (
+    "XLA:CPU's fused float32 backward (softmax backward and token sums in its own order) reaches 2.0-2.7x "
+    "the straightforward float32 gradient error here"
+)
+EXPLICIT_HALF_BACKWARD = (
+    "Flax's explicit path divides q by sqrt(head_dim) in the half dtype before Q K^T (query / "
+    "sqrt(depth).astype(dtype)) and XLA:CPU sums bias gradients in the half dtype; through the softmax "
+    "backward's cancellation that reaches 2-4x the straightforward half-precision gradient error"
+)
+#: Measured on CPU (Flax 0.12.8, JAX 0.10.2): cases where the explicit path's half gradients exceed 2x.
+EXPLICIT_HALF_CASES = {
+    "bfloat16": (
+        "causal_long_t512_h2_hd8", "causal_tq4_tk7_bottom_right", "d_out24_ne_d_in16",
+        "decode_tq1_tk1024_long_cache", "dropout_p0p1_eval_mode", "gqa_h8_kv2", "head_dim1_h4",
+        "large_values_v1e2", "odd_sizes_t7_din13_h3_hd5_dout11", "seed_reduced_projection_din16_h2_hd4_dout16",
+    ),
+    "float16": (
+        "bias_out_only", "causal_long_t512_h2_hd8", "cross_tq9_tk3", "decode_tq1_tk1024_long_cache",
+        "dropout_p0p1_eval_mode", "head_dim1_h4", "odd_sizes_t7_din13_h3_hd5_dout11",
+        "seed_gpt3_96_heads_hd2", "seed_reduced_projection_din16_h2_hd4_dout16",
+    ),
+}  # fmt: skip
+
+
+def flax_gradient_divergences(explicit: bool) -> dict[str, str]:
+    """``gradients:`` divergences measured on CPU (Flax 0.12.8, JAX 0.10.2)."""
+    path = "flax.nnx dot_product_attention_weights" if explicit else "flax.nnx.MultiHeadAttention (fused)"
+    found = {"gradients:*fully_masked*": f"{path}: {UNIFORM_ROWS}; the gradients flow into every value"}
+    if explicit:
+        for dtype, cases in EXPLICIT_HALF_CASES.items():
+            found.update({f"gradients:{case}:{dtype}": f"{path}: {EXPLICIT_HALF_BACKWARD}" for case in cases})
+        found["gradients:huge_logits_1e4:float16"] = f"{path}: {HALF_PRESCALE}; gradients 5.4x"
+        found["gradients:huge_logits_1e4:bfloat16"] = f"{path}: {HALF_PRESCALE}; gradients 22x"
+    else:
+        for case in (*BF16_BIAS_SUM_CASES, "dropout_p0p1_eval_mode"):
+            found[f"gradients:{case}:bfloat16"] = f"{path}: {BF16_BIAS_SUM}"
+        found["gradients:huge_logits_1e4:bfloat16"] = (
+            f"{path}: with logits near 7e3 (bfloat16 score spacing 32) the gradients through the softmax are "
+            "rounding noise in any order: 12x the straightforward bfloat16 error"
+        )
+        for case in several_keys_per_row():
+            if not case.startswith("dropout"):
+                found[f"gradients:{case}:float64"] = f"flax.nnx.MultiHeadAttention -> {FLOAT32_SOFTMAX}"
+    for case in ("cross_tq5_tk9", "head_dim128_h2", "single_head_h1_hd16"):
+        found[f"gradients:{case}:float32"] = f"{path}: {XLA_FLOAT32_BACKWARD}"
+    return found
+
+
+class FlaxMHA(JaxAdapter):
+    name = "flax-mha"
+    framework = "flax"
+    sow_weights = False
+    path = "flax.nnx.MultiHeadAttention, default attention_fn (jax.nn.dot_product_attention when dropout is 0), jit"
+    # With dropout declared (even in eval) Flax takes its own softmax path, which is float64-clean.
+    divergences = {
+        **POISON_LEAKS,
+        **{
+            f"golden:{case}:float64": f"flax.nnx.MultiHeadAttention -> {FLOAT32_SOFTMAX}"
+            for case in several_keys_per_row()
+            if not case.startswith("dropout")
+        },
+        "golden:*fully_masked*": f"flax.nnx.MultiHeadAttention -> jax.nn.dot_product_attention (xla): {UNIFORM_ROWS}",
+        "decoding:*:float64": f"flax.nnx.MultiHeadAttention(decode=True) -> {FLOAT32_SOFTMAX}",
+        **flax_gradient_divergences(explicit=False),
+    }
+
+    def versions(self) -> dict[str, str]:
+        import flax
+
+        return {**super().versions(), "flax": flax.__version__}
+
+    def supports(self, spec: Mapping[str, Any], dtype: str, device: str) -> str | None:
+        if not spec["out_proj"]:
+            return "flax.nnx.MultiHeadAttention always applies its output projection"
+        if spec["v_head_dim"] != spec["head_dim"]:
+            return "flax.nnx.MultiHeadAttention uses one head_dim (qkv_features / num_heads) for Q, K and V"
+        if spec["kdim"] != spec["vdim"]:
+            return "flax.nnx.MultiHeadAttention has one in_kv_features for both keys and values"
+        if spec["scale"] is not None:
+            return "flax.nnx.MultiHeadAttention always scales by 1/sqrt(head_dim)"
+        if device == "cpu" and dtype == "float16" and not self.sow_weights:
+            return (
+                "XLA:CPU has no float16 x float16 -> float32 dot_general, which jax.nn.dot_product_attention's "
+                "xla implementation requests ('F16_F16_F32' is not supported by dot_general on CPU)"
+            )
+        return None
+
+    def build(self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str):
+        from flax import nnx
+
+        jnp = jax().numpy
+        h, hkv, hd = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
+        use_bias = spec["qkv_bias"] or spec["out_bias"]
+        module = nnx.MultiHeadAttention(
+            num_heads=h, in_features=spec["d_in"], qkv_features=h * hd, out_features=spec["d_out"],
+            num_kv_heads=hkv, in_kv_features=spec["kdim"], dtype=getattr(jnp, dtype),
+            param_dtype=getattr(jnp, dtype), dropout_rate=spec["dropout"], deterministic=True,
+            use_bias=use_bias, decode=False, rngs=nnx.Rngs(0),
+        )  # fmt: skip
+        layers = {"q": (module.query, (h, hd)), "k": (module.key, (hkv, hd)), "v": (module.value, (hkv, hd))}
+        for short, (layer, heads) in layers.items():
+            w = case[f"w_{short}"]
+            layer.kernel[...] = jnp.asarray(w.reshape(w.shape[0], *heads), dtype=getattr(jnp, dtype))
+            if use_bias:
+                bias = case.get(f"b_{short}")
+                # A missing bias is exactly a zero bias: x + 0 == x in every dtype.
+                values = np.zeros(heads, np.float32) if bias is None else bias.reshape(heads)
+                layer.bias[...] = jnp.asarray(values, dtype=getattr(jnp, dtype))
+        module.out.kernel[...] = jnp.asarray(
+            case["w_o"].reshape(h, hd, spec["d_out"]), dtype=getattr(jnp, dtype)
+        )
+        if use_bias:
+            bias = case.get("b_o")
+            values = np.zeros(spec["d_out"], np.float32) if bias is None else bias
+            module.out.bias[...] = jnp.asarray(values, dtype=getattr(jnp, dtype))
+        return module
+
+    def prepare(self, case, spec, dtype, device):
+        from flax import nnx
+
+        j = jax()
+        with j.default_device(self.device(device)):
+            graphdef, state = nnx.split(self.build(case, spec, dtype))
+        state = j.device_put(state, self.device(device))
+        sow = self.sow_weights
+
+        @j.jit
+        def forward(state, query, key, value, mask):
+            module = nnx.merge(graphdef, state)
+            out = module(query, key, value, mask=mask, sow_weights=sow, deterministic=True)
+            weights = nnx.pop(module, nnx.Intermediate) if sow else None
+            return out, weights
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            mask = allowed(spec, inputs.get("mask"))
+            args = [self.put(inputs[n], dtype, device) for n in ("query", "key", "value")]
+            out, weights = forward(state, *args, None if mask is None else self.put(mask, "bool", device))
+            result = {"output": self.fetch(out, dtype, device)}
+            if weights is not None:
+                (sown,) = j.tree_util.tree_leaves(weights)
+                result["attn_weights"] = self.fetch(sown, dtype, device)
+            return result
+
+        return run
+
+    def prepare_decoder(self, case, spec, dtype, device):
+        """Flax's own autoregressive cache: ``init_cache`` for the case's length, then
+        ``decode=True`` with one token per call; the jitted step threads the cache state."""
+        from flax import nnx
+
+        j = jax()
+        with j.default_device(self.device(device)):
+            module = self.build(case, spec, dtype)
+            module.init_cache((spec["batch"], spec["q_len"], spec["d_in"]), dtype=getattr(j.numpy, dtype))
+            graphdef, initial = nnx.split(module)
+        initial = j.device_put(initial, self.device(device))
+
+        @j.jit
+        def step(state, token):
+            module = nnx.merge(graphdef, state)
+            out = module(token, decode=True, deterministic=True)
+            return out, nnx.state(module)
+
+        def new_stream():
+            state = [initial]
+
+            def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+                out, state[0] = step(state[0], self.put(inputs["query"], dtype, device))
+                return {"output": self.fetch(out, dtype, device)}
+
+            return run
+
+        return new_stream
+
+    def prepare_backward(self, case, spec, dtype, device):
+        """``jax.vjp`` of the module over its split state (the kernels Flax trains) and the three
+        inputs at ``grad_output``. Kernel gradients come back in Flax's [in, H, hd] (output
+        [H, hd, out]) layout and are reshaped to the golden [in, out]; a bias Flax holds as zeros
+        because the case has none is not returned."""
+        from flax import nnx
+
+        j = jax()
+        with j.default_device(self.device(device)):
+            graphdef, state = nnx.split(self.build(case, spec, dtype))
+        state = j.device_put(state, self.device(device))
+        params, rest = state.split(nnx.Param, ...)
+        sow = self.sow_weights
+
+        @j.jit
+        def gradients(params, query, key, value, mask, grad_output):
+            def forward(params, query, key, value):
+                module = nnx.merge(graphdef, params, rest)
+                # sow_weights as the forward has it: it is what picks Flax's explicit softmax path.
+                return module(query, key, value, mask=mask, sow_weights=sow, deterministic=True)
+
+            _, vjp = j.vjp(forward, params, query, key, value)
+            return vjp(grad_output)
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            mask = allowed(spec, inputs.get("mask"))
+            args = [self.put(inputs[n], dtype, device) for n in ("query", "key", "value", "grad_output")]
+            mask = None if mask is None else self.put(mask, "bool", device)
+            d_params, d_query, d_key, d_value = gradients(params, *args[:3], mask, args[3])
+            grads = {"grad_query": d_query, "grad_key": d_key, "grad_value": d_value}
+            for short, layer in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out")):
+                kernel = d_params[layer]["kernel"][...]
+                width = kernel.shape[-1] if short == "o" else -1
+                rows = kernel.shape[0] if short != "o" else -1
+                grads[f"grad_w_{short}"] = kernel.reshape(rows, width)
+                if f"b_{short}" in case:
+                    grads[f"grad_b_{short}"] = d_params[layer]["bias"][...].reshape(-1)
+            return {n: self.fetch(g, dtype, device) for n, g in grads.items()}
+
+        return run
+
+
+class FlaxMHAWeights(FlaxMHA):
+    name = "flax-mha-weights"
+    sow_weights = True
+    path = "flax.nnx.MultiHeadAttention(sow_weights=True): Flax's einsum + masked softmax, weights read back, jit"
+    divergences = {
+        **POISON_LEAKS,
+        "golden:*fully_masked*": f"flax.nnx dot_product_attention_weights: {UNIFORM_ROWS}",
+        "golden:huge_logits_1e4:float16": f"flax.nnx dot_product_attention_weights: {HALF_PRESCALE}",
+        "golden:huge_logits_1e4:bfloat16": f"flax.nnx dot_product_attention_weights: {HALF_PRESCALE}",
+        **flax_gradient_divergences(explicit=True),
+    }
+
+    def prepare_decoder(self, case, spec, dtype, device):
+        raise NotImplementedError("decoding runs no sow_weights path; it is checked once, on flax-mha")

@@ -1,0 +1,109 @@
+"""``onnx-attention``: a graph built around the standard ONNX ``Attention`` op, run by onnxruntime.
+
+The projections are plain ``MatMul``/``Add`` nodes with the case's weights; then one
+``Attention`` node (opset 24) takes 3-D Q [B, Tq, H*hd], K and V [B, Tk, Hkv*hd] with
+``q_num_heads``/``kv_num_heads`` (grouped-query attention included), ``scale`` when the case
+has one, the case's bool mask as ``attn_mask`` (True = may attend, the op's convention), and
+``is_causal``. The op aligns causal masking bottom-right by an offset, which it takes from
+its inputs rather than from Tq and Tk:
+
+* Tq < Tk: the first Tk - Tq keys and values go in as ``past_key``/``past_value`` (4-D, the
+  KV-cache inputs; ``present_key``/``present_value`` come out), so offset = past length;
+* Tq > Tk: ``nonpad_kv_seqlen`` = Tk gives offset Tk - Tq < 0: the leading query rows have
+  no key and the specification says they give zeros;
+* Tq == Tk: offset 0, plain ``is_causal``.
+
+``qk_matmul_output_mode=3`` returns the softmax weights, judged as ``attn_weights``. The
+first run is profiled to prove that onnxruntime's ``Attention`` kernel ran (it inlines the
+op's ONNX function body where it has no kernel, e.g. float64 on the CPU provider: a skip).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from impls.adapter import POISON_LEAKS
+from impls.onnx_common import Graph, OnnxRuntimeAdapter, Session, from_io, ort_version, to_io
+
+OPSET = 24
+KEY_PADDING_REJECTED = (
+    "onnxruntime's CPU Attention kernel rejects a key padding attn_mask of shape [B, 1, 1, Tk], which the "
+    "specification allows (broadcastable to [B, q_num_heads, Tq, Tk]): the run fails with 'inconsistent "
+    "q_sequence_length (between attn_mask and Q)' (attention_helper.h requires dim -2 == Tq); the same "
+    "mask expanded to [B, 1, Tq, Tk] passes every such case (worst ratio 1.02, onnxruntime 1.32.0)"
+)
+
+
+def attention_model(
+    case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str
+) -> tuple[Any, list[str]]:
+    """The ModelProto for one case in ``dtype`` and the names of its runtime inputs."""
+    b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
+    h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
+    g = Graph(dtype)
+    names = ["query", "key", "value"] + (["mask"] if "mask" in case else [])
+    q = g.linear(g.input("query", case["query"]), case, "q")
+    k = g.linear(g.input("key", case["key"]), case, "k")
+    v = g.linear(g.input("value", case["value"]), case, "v")
+    mask = g.input("mask", case["mask"]) if "mask" in case else ""
+    attrs: dict[str, Any] = {"q_num_heads": h, "kv_num_heads": hkv, "qk_matmul_output_mode": 3}
+    if spec["scale"] is not None:
+        attrs["scale"] = float(spec["scale"])
+    past_k = past_v = nonpad = ""
+    if spec["causal"]:
+        attrs["is_causal"] = 1
+        if tq < tk:  # the leading keys become the cache: offset = past length = Tk - Tq
+            p = tk - tq
+            past_k = g.heads(g.seq_slice(k, 0, p), b, p, hkv, hd)
+            past_v = g.heads(g.seq_slice(v, 0, p), b, p, hkv, hdv)
+            k, v = g.seq_slice(k, p, tk), g.seq_slice(v, p, tk)
+        elif tq > tk:  # offset = nonpad_kv_seqlen - Tq < 0
+            nonpad = g.ints("nonpad_kv_seqlen", [tk] * b)
+    unused = (1, 2) if not past_k else ()
+    y, _, _, weights = g.node(
+        "Attention", [q, k, v, mask, past_k, past_v, nonpad], n_out=4, unused=unused, **attrs
+    )
+    if spec["out_proj"]:
+        y = g.linear(y, case, "o")
+    g.output(y, "output", [b, tq, spec["d_out"]])
+    g.output(weights, "attn_weights", [b, h, tq, tk])
+    return g.model({"": OPSET}), names
+
+
+class OnnxAttention(OnnxRuntimeAdapter):
+    name = "onnx-attention"
+    path = (
+        f"hand-built graph: MatMul/Add projections, then the standard ONNX Attention op (opset {OPSET}: "
+        "q_num_heads/kv_num_heads, scale, bool attn_mask, is_causal with past_key/past_value or "
+        "nonpad_kv_seqlen for the bottom-right offset, qk_matmul_output_mode=3 weights)"
+    )
+    kernel = ("Attention", "")
+    # The kernel rejects the mask itself, so every check on those cases meets it first.
+    divergences = {
+        **{
+            pattern: KEY_PADDING_REJECTED
+            for pattern in (
+                "*:*keypad*:*:cpu",
+                "*:mask_key_padding*:*:cpu",
+                "*:mask_fully_masked_batch_row:*:cpu",
+            )
+        },
+        **POISON_LEAKS,
+    }
+
+    def supports(self, spec: Mapping[str, Any], dtype: str, device: str) -> str | None:
+        return self.kernel_problem(dtype, device)
+
+    def prepare(self, case, spec, dtype, device):
+        model, names = attention_model(case, spec, dtype)
+        session = Session(model, device, self.kernel, f"{self.name}: case {spec['id']} in {dtype}")
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            out, weights = session.run({n: to_io(inputs[n], dtype) for n in names})
+            meta = {**session.meta, "opset": str(OPSET), "onnxruntime": ort_version()}
+            return {"output": from_io(out, dtype), "attn_weights": from_io(weights, dtype), "meta": meta}
+
+        return run

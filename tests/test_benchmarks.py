@@ -1,0 +1,186 @@
+"""The benchmark suite: configurations, FLOP counts, the correctness gate, the torch timed
+bodies, the run cache, the plan the nox session hands asv, and a tiny real asv run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import bench_attention, common, runner
+from conformance import registry
+from impls import reference
+from impls.bench import Bench
+from vectors.generate import build_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_suite_imports_and_parameters():
+    assert bench_attention.PARAM_NAMES == ["adapter", "shape", "dtype", "causal"]
+    adapters, shapes, dtypes, causal = bench_attention.PARAMS
+    assert set(registry.BUILTINS) == set(adapters)
+    assert {"gpt-t128", "gpt-t2048", "transformer-t512", "transformer-t2048"} <= set(shapes)
+    assert dtypes == ["float32", "bfloat16", "float16"] and causal == [False, True]
+    for cls in (bench_attention.Forward, bench_attention.Roofline, bench_attention.Gradients):
+        assert cls.version and cls.rounds == 1
+
+
+def test_config_spec_and_flops():
+    spec = common.config_spec("gpt-t512", causal=True)
+    assert (spec["batch"], spec["q_len"], spec["d_in"], spec["num_heads"], spec["head_dim"]) == (
+        2,
+        512,
+        512,
+        8,
+        64,
+    )
+    assert spec["qkv_bias"] is False and spec["out_proj"] and spec["self_attention"]
+    full = common.forward_flops(common.config_spec("gpt-t512", causal=False))
+    proj = 2 * 2 * 512 * 4 * 512 * 512  # batch 2, 512 tokens, Q K V O
+    assert full == proj + 2 * 2 * 8 * 512 * 512 * 128  # plus Q K^T and P V
+    assert common.forward_flops(spec) == proj + 2 * 2 * 8 * (512 * 513 // 2) * 128  # allowed pairs only
+    with pytest.raises(ValueError, match="<preset>-t<seq_len>"):
+        common.config_spec("bert-512", causal=False)
+
+
+def test_plan_skip_policy():
+    assert "emulation" in common.plan_skip("gpt-t512", "float16", True, "cpu")
+    assert common.plan_skip("gpt-t512", "float32", True, "cpu") is None
+    assert "causal (a decoder) only" in common.plan_skip("gpt-t512", "float32", False, "cpu")
+    assert "without a mask" in common.plan_skip("transformer-t512", "bfloat16", True, "cpu")
+    assert common.plan_skip("gpt-t512", "float16", False, "cuda") is None
+
+
+def numpy_bench(spec, inputs, *, scale_bug: bool = False) -> Bench:
+    """A framework-free timed path computing attention with the reference in float32."""
+    wrong = {**spec, "scale": 1.0} if scale_bug else spec
+    out = reference.forward(inputs, wrong, reference.PRECISIONS["float32"]).output.astype(np.float32)
+    return Bench(forward=lambda: out, sync=lambda: None, to_numpy=lambda o: o)
+
+
+@pytest.mark.parametrize("shape,causal", [("gpt-t128", True), ("transformer-t128", False)])
+def test_gate_passes_right_and_stops_wrong_kernels(shape, causal):
+    spec = common.config_spec(shape, causal)
+    inputs = build_inputs(spec)
+    assert common.gate(numpy_bench(spec, inputs), inputs, spec, "float32", "numpy") <= 2
+    with pytest.raises(common.WrongResult, match="no timing is posted"):
+        common.gate(numpy_bench(spec, inputs, scale_bug=True), inputs, spec, "float32", "numpy")
+
+
+def test_gate_catches_a_causal_mask_off_by_one():
+    spec = common.config_spec("gpt-t128", True)
+    inputs = build_inputs(spec)
+    leaky = {**spec, "causal": False, "mask": None}
+    mask = np.tri(128, 128, k=1, dtype=bool)[None, None]  # each query also sees the next key
+    out = reference.forward({**inputs, "mask": mask}, leaky, reference.PRECISIONS["float32"]).output
+    bench = Bench(forward=lambda: out.astype(np.float32), sync=lambda: None, to_numpy=lambda o: o)
+    with pytest.raises(common.WrongResult):
+        common.gate(bench, inputs, spec, "float32", "leaky")
+
+
+TORCH_ADAPTERS = ["torch-mha", "torch-mha-noweights", "torch-mha-fastpath", "torch-sdpa", "torch-scratch"]
+
+
+@pytest.mark.parametrize("name", TORCH_ADAPTERS)
+def test_torch_timed_bodies_match_the_conformance_path(name):
+    """The timed body computes what the adapter's conformance path computes, and backprops."""
+    pytest.importorskip("torch")
+    from vectors.catalogue import spec as make_spec
+
+    spec = make_spec("bench_test", "small", batch=2, q_len=16, d_in=32, num_heads=4, head_dim=8, causal=True)
+    inputs = {k: v for k, v in build_inputs(spec).items() if k != "grad_output"}
+    adapter = registry.builtin(name)
+    bench = adapter.bench(inputs, spec, "float32", "cpu")
+    runtime = {k: inputs[k] for k in ("query", "key", "value") if k in inputs}
+    expected = adapter.prepare(inputs, spec, "float32", "cpu")(runtime)["output"]
+    np.testing.assert_array_equal(bench.to_numpy(bench.forward()), expected)
+    assert bench.meta["threads"] == str(int(os.environ.get("MHA_BENCH_THREADS") or os.cpu_count()))
+    if name == "torch-mha-fastpath":
+        assert bench.make_backward is None
+    else:
+        bench.make_backward()()  # one backward pass runs
+    product = bench.matmul(8)()
+    assert tuple(product.shape) == (8, 8)
+
+
+def test_run_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.RUN_CACHE_ENV, str(tmp_path / "run.json"))
+    key = common.config_key("torch-sdpa", "gpt-t128", "float32", True, "cpu")
+    assert common.cached_config(key) is None
+    common.update_run_cache("configs", key, {"status": "ok", "framework": "torch", "forward_median": 0.01})
+    common.update_run_cache("configs", key, {"gate_ratio": 0.5})
+    assert common.cached_config(key) == {
+        "status": "ok",
+        "framework": "torch",
+        "forward_median": 0.01,
+        "gate_ratio": 0.5,
+    }
+
+    def must_not_build(*args):
+        raise AssertionError("the figures should come from the run cache")
+
+    monkeypatch.setattr(common, "configuration", must_not_build)
+    figures = common.forward_figures("torch-sdpa", "gpt-t128", "float32", True, "cpu")
+    assert figures.gflops == pytest.approx(
+        common.forward_flops(common.config_spec("gpt-t128", True)) / 0.01 / 1e9
+    )
+    common.update_run_cache("configs", "skip-me", {"status": "skip", "reason": "no GPU here"})
+    with pytest.raises(NotImplementedError, match="no GPU here"):
+        common.cached_config("skip-me")
+    (tmp_path / "run.json").write_text("{damaged")
+    assert common.read_run_cache() == {}  # a damaged cache is measured again, never trusted
+
+
+def test_plan_selects_what_can_run():
+    pytest.importorskip("torch")
+    plan = runner.plan("cpu", ["torch-*"])
+    assert plan["machine"].endswith("-cpu") and plan["threads"] >= 1
+    assert len(plan["bench"]) == 5 * 3 * 2  # 5 adapters x 3 lengths x 2 presets (float32 on CPU)
+    assert not any("torch-wrapper" in r for r in plan["bench"])  # supports no preset: never spawned
+    assert any("MultiHeadAttentionWrapper" in why for why in plan["skipped"])
+    name = "bench_attention.Gradients.time_backward('torch-sdpa', 'gpt-t2048', 'float32', True)"
+    assert any(__import__("re").search(r, name) for r in plan["bench"])
+    assert len(runner.plan("cpu", ["torch-sdpa"], ["float32", "bfloat16"])["bench"]) == 12
+
+
+@pytest.mark.skipif(shutil.which("asv") is None and not (Path(sys.executable).parent / "asv").exists(),
+                    reason="asv is not installed: pip install '.[bench]'")  # fmt: skip
+def test_asv_quick_smoke(tmp_path):
+    """asv discovers the suite and runs one configuration end to end (``--quick``)."""
+    pytest.importorskip("torch")
+    conf = json.loads((ROOT / "asv.conf.json").read_text())
+    conf.update(repo=str(ROOT), benchmark_dir=str(ROOT / "benchmarks"), env_dir=str(tmp_path / "env"),
+                results_dir=str(tmp_path / "results"), html_dir=str(tmp_path / "html"))  # fmt: skip
+    (tmp_path / "asv.conf.json").write_text(json.dumps(conf))
+    asv = shutil.which("asv") or str(Path(sys.executable).parent / "asv")
+    env = dict(os.environ, HOME=str(tmp_path), ASV_PYTHONPATH=str(ROOT))  # machine file in a throwaway home
+    env[common.RUN_CACHE_ENV] = str(tmp_path / "run.json")
+    machine = ["--machine", "smoke", "--os", "x", "--arch", "x", "--cpu", "x", "--num_cpu", "1", "--ram", "1"]
+    subprocess.run([asv, "--config", str(tmp_path / "asv.conf.json"), "machine", *machine, "--yes"], env=env,
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    selection = runner.param_regex("torch-sdpa", "gpt-t128", "float32", True)
+    done = subprocess.run([asv, "--config", str(tmp_path / "asv.conf.json"), "run", "--python=same", "--quick",
+                           "--machine", "smoke", "--bench", selection, "--show-stderr"],
+                          env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    cache = json.loads((tmp_path / "run.json").read_text())
+    entry = cache["configs"][common.config_key("torch-sdpa", "gpt-t128", "float32", True, "cpu")]
+    assert entry["status"] == "ok" and entry["gate_ratio"] <= 2 and entry["forward_median"] > 0
+    assert any(k.startswith("torch|cpu|float32") for k in cache["peak"])
+
+
+def test_a_missing_device_is_a_skip_with_its_reason():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(NotImplementedError, match="cuda"):
+        common.configuration("torch-sdpa", "gpt-t128", "float16", True, "cuda")
+    plan = runner.plan("cuda", ["torch-sdpa"])
+    assert plan["bench"] == [] and plan["machine"].endswith("-cuda")

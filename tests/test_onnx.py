@@ -1,0 +1,137 @@
+"""The onnxruntime adapters: honest providers, kernel checks, the graphs, and the export cache.
+
+Everything runs for real (onnxruntime sessions, torch.onnx.export), on small cases.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from conformance.harness import CheckRecord, cast_inputs, check_golden, load  # noqa: E402
+from impls import onnx_common  # noqa: E402
+from impls.onnx_attention import OnnxAttention, attention_model  # noqa: E402
+from impls.onnx_contrib import OnnxContribMHA  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def run_suite(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pytest", "conformance", "-p", "no:cacheprovider", "-q", *args]
+    full_env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **env}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=full_env, timeout=600)
+
+
+@pytest.mark.parametrize("adapter", [OnnxAttention(), OnnxContribMHA()])
+@pytest.mark.parametrize(
+    "case_id", ["gqa_h6_kv3_causal", "causal_tq4_tk7_bottom_right", "mask_random_per_head"]
+)
+def test_hand_built_graphs_pass_golden_cases_on_the_cpu_provider(adapter, case_id):
+    spec = load(case_id).spec
+    if adapter.supports(spec, "float32", "cpu"):
+        pytest.skip(adapter.supports(spec, "float32", "cpu"))
+    record = check_golden(adapter, case_id, "float32", "cpu", record=CheckRecord())
+    assert record.meta["provider"] == "CPUExecutionProvider"
+    assert record.meta["session_providers"] == "CPUExecutionProvider"
+    assert adapter.kernel[0] in record.meta["kernel"]
+
+
+def test_attention_graph_uses_the_ops_inputs_for_each_causal_alignment():
+    """Tq < Tk goes through past_key/past_value, Tq > Tk through nonpad_kv_seqlen, with
+    q_num_heads/kv_num_heads for GQA, and the weights come out of qk_matmul_output_mode 3."""
+
+    def attention_node(case_id: str):
+        c = load(case_id)
+        model, _ = attention_model(cast_inputs(c, "float32"), c.spec, "float32")
+        (node,) = [n for n in model.graph.node if n.op_type == "Attention"]
+        return node, {a.name: a for a in node.attribute}
+
+    node, attrs = attention_node("causal_tq4_tk7_bottom_right")
+    assert len(node.input) == 6 and node.input[4] and node.input[5]  # past_key, past_value
+    node, attrs = attention_node("causal_tq7_tk4_fully_masked_rows")
+    assert len(node.input) == 7 and not node.input[4] and node.input[6]  # nonpad_kv_seqlen
+    node, attrs = attention_node("gqa_h6_kv3_causal")
+    assert (attrs["q_num_heads"].i, attrs["kv_num_heads"].i, attrs["is_causal"].i) == (6, 3, 1)
+    assert attrs["qk_matmul_output_mode"].i == 3
+
+
+def test_missing_kernels_are_reasons_not_results():
+    """float64 Attention on the CPU provider is inlined into its function body: not the kernel."""
+    reason = onnx_common.kernel_probe(("Attention", ""), "float64", "cpu")
+    assert reason and "no Attention kernel ran" in reason and "function body" in reason
+    reason = onnx_common.kernel_probe(("MultiHeadAttention", "com.microsoft"), "float64", "cpu")
+    assert reason and "tensor(double)" in reason
+    assert onnx_common.kernel_probe(("Attention", ""), "float32", "cpu") is None
+
+
+def test_a_result_is_never_labelled_cuda_when_cpu_ran_it():
+    """The node-placement check that guards a cuda session (onnxruntime-gpu places nodes it
+    cannot run on CUDA on the CPU provider without a word)."""
+    session = object.__new__(onnx_common.Session)
+    session.device, session.kernel, session.what, session.meta = "cuda", ("Attention", ""), "t", {}
+    with pytest.raises(NotImplementedError, match="never reported as cuda"):
+        session._check([("MatMul", "CUDAExecutionProvider"), ("Attention", "CPUExecutionProvider")])
+    session._check([("Attention", "CUDAExecutionProvider")])
+    assert session.meta["provider"] == "CUDAExecutionProvider"
+
+
+def test_cuda_without_onnxruntime_gpu_is_a_skip_naming_the_extra():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this environment has onnxruntime-gpu")
+    res = run_suite("--adapter", "onnx-attention", "--device", "cuda", "--case", "bias_none", "-rs", env={})
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "has no CUDAExecutionProvider" in res.stdout and "pip install '.[onnx-gpu]'" in res.stdout
+
+
+def test_cache_key_follows_what_the_model_depends_on():
+    pytest.importorskip("torch")
+    from impls.onnx_export import cache_key
+
+    c = load("bias_none")
+    case = cast_inputs(c, "float32")
+    key = cache_key(case, c.spec, "float32", 23)
+    assert key.startswith("bias_none.float32.opset23.torch") and key.endswith(".onnx")
+    assert cache_key(case, c.spec, "float16", 23) != key
+    assert cache_key(case, c.spec, "float32", None) != key
+    changed = {**case, "w_q": case["w_q"] + np.float32(1)}
+    assert cache_key(changed, c.spec, "float32", 23) != key
+
+
+def test_second_run_exports_nothing(tmp_path):
+    """Two runs of the suite on one case: the first exports (and reports the provider), the
+    second finds the model in the cache and leaves the file untouched."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    cache = tmp_path / "cache"
+    args = ["--adapter", "onnx-export-attention", "--case", "self_causal_b2_t8_d16_h4", "--dtype", "float32"]
+    env = {"MHA_ONNX_CACHE": str(cache)}
+    metas = []
+    for run in ("first", "second"):
+        report = tmp_path / f"{run}.json"
+        res = run_suite(*args, "--report", str(report), env=env)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        (test,) = json.loads(report.read_text())["tests"]
+        assert test["outcome"] == "passed", test["reason"]
+        metas.append(test["meta"])
+        if run == "first":
+            (model,) = cache.iterdir()
+            written = model.stat().st_mtime_ns
+    assert re.fullmatch(r"exported in [\d.]+ s", metas[0]["export"]), metas[0]
+    assert metas[1]["export"] == "cached"
+    assert metas[0]["model"] == metas[1]["model"] == model.name
+    assert [p.name for p in cache.iterdir()] == [model.name] and model.stat().st_mtime_ns == written
+    assert all(m["provider"] == "CPUExecutionProvider" for m in metas)
+    assert metas[1]["kernel"] == "Attention on CPUExecutionProvider" and metas[1]["opset"] == "23"
+    assert not any(p.name.endswith(".tmp") for p in cache.iterdir())
