@@ -97,7 +97,9 @@ def fuzz(session: nox.Session, backend: str) -> None:
     args = adapter_args(session, config["adapters"])
     install(session, "-e", f".[test,{config['extras']}]")
     session.env.update(config.get("env", {}))
-    session.run("python", "-m", "pytest", "conformance/fuzz_attention.py", "-p", "no:cacheprovider", "-rfEs", *args)
+    session.run(
+        "python", "-m", "pytest", "conformance/fuzz_attention.py", "-p", "no:cacheprovider", "-rfEs", *args
+    )
 
 
 @nox.session

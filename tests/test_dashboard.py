@@ -8,8 +8,8 @@ them) and selenium (``pip install '.[bench]'``). Without them it skips here, and
 from __future__ import annotations
 
 import functools
-import json
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -146,7 +146,10 @@ def test_conventions_section_shows_probe_verdicts_and_reports_bad_files(tmp_path
     probes = tmp_path / "results" / "probes"
     probes.mkdir()
     column = next(iter(COLUMNS))
-    doc = {"format_version": "1", "adapters": {"my-attention": {"probes": {column: {"verdict": "bottom-right", "detail": "d"}}}}}
+    doc = {
+        "format_version": "1",
+        "adapters": {"my-attention": {"probes": {column: {"verdict": "bottom-right", "detail": "d"}}}},
+    }
     (probes / "mine.json").write_text(json.dumps(doc))
     (probes / "broken.json").write_text("{")
     page, problems = build_page(history_dir, tmp_path / "asv")
