@@ -135,24 +135,7 @@ class TorchScratch(TorchAdapter):
 
     def prepare(self, case, spec, dtype, device, *, training: bool = False):
         t = torch()
-        h, hd = spec["num_heads"], spec["head_dim"]
-        module = module_class()(
-            spec["d_in"], h * hd, context_length=max(spec["kv_len"], 1), dropout=spec["dropout"],
-            num_heads=h, qkv_bias=spec["qkv_bias"], causal=spec["causal"],
-        ).to(device=device, dtype=torch_dtype(dtype))  # fmt: skip
-        with t.no_grad():
-            for short, layer in (
-                ("q", module.W_query),
-                ("k", module.W_key),
-                ("v", module.W_value),
-                ("o", module.out_proj),
-            ):
-                layer.weight.copy_(linear_weight(case[f"w_{short}"], dtype, device))
-                if layer.bias is not None:  # out_proj always has one; a missing bias is exactly zero
-                    bias = case.get(f"b_{short}")
-                    layer.bias.copy_(
-                        to_torch(bias, dtype, device) if bias is not None else t.zeros_like(layer.bias)
-                    )
+        module = self.build(case, spec, dtype, device)
         module.train(training)
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -170,8 +153,7 @@ class TorchScratch(TorchAdapter):
         return run
 
     def build(self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str):
-        """The module with the case's weights in eval mode, for :meth:`prepare_backward` (the same
-        loading as :meth:`prepare`)."""
+        """The module with the case's weights, in eval mode (every prepare method starts here)."""
         t = torch()
         h, hd = spec["num_heads"], spec["head_dim"]
         module = module_class()(

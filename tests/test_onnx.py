@@ -27,7 +27,16 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def run_suite(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pytest", "conformance", "-p", "no:cacheprovider", "-q", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "conformance/test_golden.py",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        *args,
+    ]
     full_env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **env}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=full_env, timeout=600)
 
