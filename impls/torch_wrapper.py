@@ -82,23 +82,7 @@ class TorchWrapper(TorchAdapter):
 
     def prepare(self, case, spec, dtype, device):
         t = torch()
-        h, hd, group = spec["num_heads"], spec["head_dim"], spec["num_heads"] // spec["num_kv_heads"]
-        module = module_classes()(
-            spec["d_in"], hd, context_length=spec["q_len"], dropout=spec["dropout"], num_heads=h,
-            qkv_bias=spec["qkv_bias"],
-        ).to(device=device, dtype=torch_dtype(dtype))  # fmt: skip
-        with t.no_grad():
-            for i, head in enumerate(module.heads):
-                for short, layer in (("q", head.W_query), ("k", head.W_key), ("v", head.W_value)):
-                    col = i if short == "q" else i // group  # query head i reads kv head i // group
-                    layer.weight.copy_(
-                        linear_weight(case[f"w_{short}"][:, col * hd : (col + 1) * hd], dtype, device)
-                    )
-                    if layer.bias is not None:
-                        layer.bias.copy_(
-                            to_torch(case[f"b_{short}"][col * hd : (col + 1) * hd], dtype, device)
-                        )
-        module.eval()
+        module = self.build(case, spec, dtype, device)
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             with t.no_grad():
@@ -108,8 +92,7 @@ class TorchWrapper(TorchAdapter):
         return run
 
     def build(self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str):
-        """The stacked heads with the case's weights in eval mode, for :meth:`prepare_backward`
-        (the same loading as :meth:`prepare`)."""
+        """The stacked heads with the case's weights, in eval mode (both prepare methods start here)."""
         t = torch()
         h, hd, group = spec["num_heads"], spec["head_dim"], spec["num_heads"] // spec["num_kv_heads"]
         module = module_classes()(
