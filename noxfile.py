@@ -65,6 +65,21 @@ def adapter_args(session: nox.Session, patterns: list[str]) -> list[str]:
     return [arg for name in mine for arg in ("--adapter", name)] + rest
 
 
+def backend_env(session: nox.Session, backend: str, extras: str) -> list[str]:
+    """Prepare a per-backend session: skip a GPU backend without a GPU, install the project with
+    ``extras`` plus the backend's own, set its environment; return the backend's adapter
+    arguments (GPU backends default to ``--device cuda``)."""
+    config = BACKENDS[backend]
+    if config.get("gpu") and not shutil.which("nvidia-smi"):
+        session.skip(f"{backend} needs an NVIDIA GPU (no nvidia-smi here); its adapters run on CPU elsewhere")
+    args = adapter_args(session, config["adapters"])
+    if config.get("gpu") and "--device" not in args:
+        args += ["--device", "cuda"]
+    install(session, "-e", f".[{extras},{config['extras']}]")
+    session.env.update(config.get("env", {}))
+    return args
+
+
 @nox.session
 @nox.parametrize("backend", list(BACKENDS))
 def conformance(session: nox.Session, backend: str) -> None:
@@ -73,14 +88,7 @@ def conformance(session: nox.Session, backend: str) -> None:
     Arguments after ``--`` reach pytest: ``nox -s conformance -- --adapter torch-sdpa --device all``.
     Every run also writes its JSON report into results/conformance/ (the history).
     """
-    config = BACKENDS[backend]
-    if config.get("gpu") and not shutil.which("nvidia-smi"):
-        session.skip(f"{backend} needs an NVIDIA GPU (no nvidia-smi here); its adapters run on CPU elsewhere")
-    args = adapter_args(session, config["adapters"])
-    if config.get("gpu") and "--device" not in args:
-        args += ["--device", "cuda"]
-    install(session, "-e", f".[test,{config['extras']}]")
-    session.env.update(config.get("env", {}))
+    args = backend_env(session, backend, "test")
     session.run("python", "-m", "pytest", "conformance", "-p", "no:cacheprovider", "-rfE",
                 "--history", HISTORY, *args)  # fmt: skip
 
@@ -91,12 +99,7 @@ def fuzz(session: nox.Session, backend: str) -> None:
     """Random specs (hypothesis) for one backend's adapters against the reference, bounded by
     ``-- --fuzz-examples N`` (default 60 per adapter and dtype); failures shrink to the smallest
     spec and print a line that reproduces them; .hypothesis/fuzz remembers them for the next run."""
-    config = BACKENDS[backend]
-    if config.get("gpu") and not shutil.which("nvidia-smi"):
-        session.skip(f"{backend} needs an NVIDIA GPU (no nvidia-smi here)")
-    args = adapter_args(session, config["adapters"])
-    install(session, "-e", f".[test,{config['extras']}]")
-    session.env.update(config.get("env", {}))
+    args = backend_env(session, backend, "test")
     session.run(
         "python", "-m", "pytest", "conformance/fuzz_attention.py", "-p", "no:cacheprovider", "-rfEs", *args
     )
@@ -118,14 +121,7 @@ def benchmarks(session: nox.Session, backend: str) -> None:
     """Time one backend's adapters with asv (``asv run --python=same``; README, "Benchmarks and
     dashboards"). ``-- --device cuda|mps|all`` (default cpu), ``-- --adapter GLOB``, ``-- --quick``
     for a smoke run; other arguments reach asv. Only a clean tree records history in .asv/results/."""
-    config = BACKENDS[backend]
-    if config.get("gpu") and not shutil.which("nvidia-smi"):
-        session.skip(f"{backend} needs an NVIDIA GPU (no nvidia-smi here)")
-    args = adapter_args(session, config["adapters"])
-    if config.get("gpu") and "--device" not in args:
-        args += ["--device", "cuda"]
-    install(session, "-e", f".[bench,{config['extras']}]")
-    session.env.update(config.get("env", {}))
+    args = backend_env(session, backend, "bench")
     session.run("python", "-m", "benchmarks.runner", *args)
 
 

@@ -19,9 +19,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.errors import Unsatisfiable
 
-from conformance.harness import unsupported
+from conformance.harness import JUDGED, judge_golden, unsupported
 from conformance.strategies import specs
-from conformance.tolerance import judge
 from vectors import golden
 from vectors.generate import case_tensors
 
@@ -50,10 +49,9 @@ def check_spec(adapter, spec: dict, dtype: str, device: str, suite) -> None:
     )
     if ex.status != "ok":
         raise AssertionError(f"{adapter.name} on spec {case.id}: {ex.message}\nReproduce: {repro}")
-    for name in ("output", "attn_weights"):
+    for name in JUDGED:
         if name in ex.result:
-            v = judge(ex.result[name], case.tensors[name], tensor=name, dtype=dtype,
-                      baseline=case.baseline[dtype][name], error_scale=case.baseline["error_scale"][name], k=suite.k)  # fmt: skip
+            v = judge_golden(ex.result[name], case, name, dtype, suite.k)
             assert v.passed, f"{adapter.name} on drawn spec {case.id}:\n  {v.describe()}\nReproduce: {repro}"
 
 

@@ -12,8 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from conformance.harness import CheckRecord, InProcess, Isolated, load, reproduce_line, unsupported
-from conformance.tolerance import DEFAULT_K, judge
+from conformance.harness import (
+    CheckRecord,
+    InProcess,
+    Isolated,
+    judge_golden,
+    load,
+    reproduce_line,
+    unsupported,
+)
+from conformance.tolerance import DEFAULT_K
 from impls.adapter import Adapter
 from vectors import golden
 
@@ -76,17 +84,7 @@ def check_gradients(
         )
     for name in held:
         if name in returned:
-            record.verdicts.append(
-                judge(
-                    ex.result[name],
-                    case.tensors[name],
-                    tensor=name,
-                    dtype=dtype,
-                    baseline=case.baseline[dtype][name],
-                    error_scale=case.baseline["error_scale"][name],
-                    k=k,
-                )  # fmt: skip
-            )
+            record.verdicts.append(judge_golden(ex.result[name], case, name, dtype, k))
     problems += [f"  {v.describe()}" for v in record.verdicts if not v.passed]
     if problems:
         lines = "\n".join(problems)

@@ -203,6 +203,15 @@ class Isolated:
         return self.worker.execute(ref, case, dtype, device, op, inputs)
 
 
+def judge_golden(actual: Any, case: golden.GoldenCase, name: str, dtype: str, k: float) -> Verdict:
+    """``actual`` against the case's golden tensor ``name``, with the case's baseline for ``dtype``
+    and its error scale: the one rule (``conformance/tolerance.py``) every check applies."""
+    return judge(
+        actual, case.tensors[name], tensor=name, dtype=dtype, baseline=case.baseline[dtype][name],
+        error_scale=case.baseline["error_scale"][name], k=k,
+    )  # fmt: skip
+
+
 def check_golden(
     adapter: Adapter,
     case_id: str,
@@ -231,17 +240,7 @@ def check_golden(
     record.meta.update(ex.result.get("meta", {}))
     for name in JUDGED:
         if name in ex.result:
-            record.verdicts.append(
-                judge(
-                    ex.result[name],
-                    case.tensors[name],
-                    tensor=name,
-                    dtype=dtype,
-                    baseline=case.baseline[dtype][name],
-                    error_scale=case.baseline["error_scale"][name],
-                    k=k,
-                )  # fmt: skip
-            )
+            record.verdicts.append(judge_golden(ex.result[name], case, name, dtype, k))
     failed = [v for v in record.verdicts if not v.passed]
     if failed:
         lines = "\n".join(f"  {v.describe()}" for v in failed)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conformance.harness import CheckRecord, load, reproduce_line, unsupported
-from conformance.tolerance import judge
+from conformance.harness import CheckRecord, judge_golden, load, reproduce_line, unsupported
 
 CHECK = "decoding"
 
@@ -37,10 +36,7 @@ def test_decoding(target, suite, request):
     if ex.status != "ok":
         raise AssertionError(f"{where}: {ex.message}\n{repro}")
     record.meta.update(ex.result.get("meta", {}))
-    verdict = judge(
-        ex.result["output"], case.tensors["output"], tensor="output", dtype=target.dtype,
-        baseline=case.baseline[target.dtype]["output"], error_scale=case.baseline["error_scale"]["output"], k=suite.k,
-    )  # fmt: skip
+    verdict = judge_golden(ex.result["output"], case, "output", target.dtype, suite.k)
     record.verdicts.append(verdict)
     if not verdict.passed:
         raise AssertionError(f"{where}: differs from the full causal pass\n  {verdict.describe()}\n{repro}")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from impls.bench import Bench, bench_threads
-from impls.torch_common import allowed_mask, to_numpy, to_torch, torch, torch_dtype
+from impls.torch_common import to_numpy, to_torch, torch, torch_dtype
 
 Forward = Callable[[], Any]
 #: (forward closure, graph builder): the graph builder runs the forward with autograd on,
@@ -82,12 +82,7 @@ def _mha_fastpath(adapter, case, spec, dtype, device) -> Built:
 
 def _sdpa(adapter, case, spec, dtype, device) -> Built:
     t = torch()
-    f = t.nn.functional
-    b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
-    h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
-    mask_np = case.get("mask")
-    top_left_causal = spec["causal"] and tq == tk and mask_np is None
-    mask = None if top_left_causal else allowed_mask(spec, mask_np, device)
+    mask = case.get("mask")
 
     def weights(grad: bool) -> dict[str, Any]:
         return {
@@ -97,22 +92,7 @@ def _sdpa(adapter, case, spec, dtype, device) -> Built:
         }
 
     def run(params, q, k, v):
-        def project(x, short: str, heads: int, width: int):
-            y = x @ params[f"w_{short}"]
-            if f"b_{short}" in params:
-                y = y + params[f"b_{short}"]
-            return y.view(b, -1, heads, width).transpose(1, 2)
-
-        ctx = f.scaled_dot_product_attention(
-            project(q, "q", h, hd), project(k, "k", hkv, hd), project(v, "v", hkv, hdv),
-            attn_mask=mask, is_causal=top_left_causal, scale=spec["scale"], enable_gqa=hkv != h,
-        )  # fmt: skip
-        out = ctx.transpose(1, 2).reshape(b, tq, h * hdv)
-        if spec["out_proj"]:
-            out = out @ params["w_o"]
-            if "b_o" in params:
-                out = out + params["b_o"]
-        return out
+        return adapter.attend(params, q, k, v, mask, spec, device)
 
     params, (q, k, v) = weights(False), _inputs(spec, case, dtype, device, grad=False)
 

@@ -85,35 +85,14 @@ class TorchSDPA(TorchAdapter):
         **flash_backward_divergences("SDPA on CPU"),
     }
 
-    def prepare(self, case, spec, dtype, device):
+    def prepare(self, case, spec, dtype, device, *, dropout_p: float = 0.0):
         t = torch()
-        f = t.nn.functional
         params = {n: to_torch(a, dtype, device) for n, a in case.items() if n[:2] in ("w_", "b_")}
-        b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
-        h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
         kernel: list[str] = []
 
-        def project(x, short: str, heads: int, width: int):
-            y = x @ params[f"w_{short}"]
-            if f"b_{short}" in params:
-                y = y + params[f"b_{short}"]
-            return y.view(b, -1, heads, width).transpose(1, 2)
-
         def attend(inputs: Mapping[str, np.ndarray]):
-            q = project(to_torch(inputs["query"], dtype, device), "q", h, hd)
-            k = project(to_torch(inputs["key"], dtype, device), "k", hkv, hd)
-            v = project(to_torch(inputs["value"], dtype, device), "v", hkv, hdv)
-            top_left_causal = spec["causal"] and tq == tk and inputs.get("mask") is None
-            mask = None if top_left_causal else allowed_mask(spec, inputs.get("mask"), device)
-            ctx = f.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=top_left_causal, scale=spec["scale"], enable_gqa=hkv != h
-            )
-            out = ctx.transpose(1, 2).reshape(b, tq, h * hdv)
-            if spec["out_proj"]:
-                out = out @ params["w_o"]
-                if "b_o" in params:
-                    out = out + params["b_o"]
-            return out
+            q, k, v = (to_torch(inputs[n], dtype, device) for n in ("query", "key", "value"))
+            return self.attend(params, q, k, v, inputs.get("mask"), spec, device, dropout_p=dropout_p)
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             with t.no_grad():
@@ -126,11 +105,17 @@ class TorchSDPA(TorchAdapter):
 
         return run
 
+    def prepare_training(self, case, spec, dtype, device):
+        """SDPA's own attention dropout, ``dropout_p=spec["dropout"]`` (SDPA has no module to put in
+        training mode: the caller passes dropout_p while training and 0 in eval)."""
+        return self.prepare(case, spec, dtype, device, dropout_p=spec["dropout"])
+
     def attend(
-        self, params, query, key, value, mask: np.ndarray | None, spec: Mapping[str, Any], device: str
-    ):
-        """The attention on tensors, as :meth:`prepare` runs it: projections, SDPA, output projection
-        (written once more here, on leaves that require grad, for :meth:`prepare_backward`)."""
+        self, params, query, key, value, mask: np.ndarray | None, spec: Mapping[str, Any], device: str,
+        dropout_p: float = 0.0,
+    ):  # fmt: skip
+        """The attention on tensors: projections, SDPA, output projection. :meth:`prepare`,
+        :meth:`prepare_backward` and the timed body (``impls/torch_bench.py``) all run this."""
         f = torch().nn.functional
         b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
         h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
@@ -145,8 +130,9 @@ class TorchSDPA(TorchAdapter):
         top_left_causal = spec["causal"] and tq == tk and mask is None
         allowed = None if top_left_causal else allowed_mask(spec, mask, device)
         ctx = f.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, is_causal=top_left_causal, scale=spec["scale"], enable_gqa=hkv != h
-        )
+            q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=top_left_causal, scale=spec["scale"],
+            enable_gqa=hkv != h,
+        )  # fmt: skip
         out = ctx.transpose(1, 2).reshape(b, tq, h * hdv)
         if spec["out_proj"]:
             out = out @ params["w_o"]

@@ -8,33 +8,17 @@ import multiprocessing
 import re
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conformance import report
+from tests.runs import run_suite
 from vectors import golden
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = "mask_random_per_head"
-
-
-def run_suite(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "conformance/test_golden.py",
-        "-p",
-        "no:cacheprovider",
-        "-q",
-        "-rfE",
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 # ------------------------------------------------------------------------- bad vectors

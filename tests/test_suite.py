@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import runs
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -28,18 +30,9 @@ def readme_example() -> str:
 
 
 def run_suite(*args: str, path: Path | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """The suite with the user's adapter folder ``path`` importable, in a bare environment."""
     env = {"PYTHONPATH": f"{path}:{ROOT}" if path else str(ROOT), "PATH": "/usr/bin:/bin"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "conformance/test_golden.py",
-        "-p",
-        "no:cacheprovider",
-        "-q",
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    return runs.run_suite(*args, env=env, cwd=cwd)
 
 
 @pytest.fixture
