@@ -134,14 +134,13 @@ def dashboard(session: nox.Session) -> None:
 
 
 @nox.session
-@nox.parametrize("backend", ["torch"])
+@nox.parametrize("backend", list(BACKENDS))
 def speed(session: nox.Session, backend: str) -> None:
-    """The quick regression gate: a few forward benchmarks with pytest-benchmark, failing when a
-    median is 10% slower than the previous saved run on the same machine and device."""
-    config = BACKENDS[backend]
-    install(session, "-e", f".[test,bench,{config['extras']}]")
-    session.env.update(config.get("env", {}))
-    session.run("python", "benchmarks/regression/run.py", *session.posargs)
+    """The quick regression gate: a few forward benchmarks of one backend's adapters with
+    pytest-benchmark, failing when a median is 10% slower than the previous saved run on the same
+    machine and device (``-- --device cuda``, ``-- --adapter GLOB`` as for the benchmarks)."""
+    args = backend_env(session, backend, "test,bench")
+    session.run("python", "benchmarks/regression/run.py", *args)
 
 
 @nox.session

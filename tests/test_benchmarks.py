@@ -184,3 +184,52 @@ def test_a_missing_device_is_a_skip_with_its_reason():
         common.configuration("torch-sdpa", "gpt-t128", "float16", True, "cuda")
     plan = runner.plan("cuda", ["torch-sdpa"])
     assert plan["bench"] == [] and plan["machine"].endswith("-cuda")
+
+
+def run_gate(storage, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "benchmarks/regression/run.py", "--storage", str(storage), "--adapter", "torch-sdpa",
+           "-k", "transformer-t128", *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def scale_saved_run(storage, factor: float) -> None:
+    """Make the newest saved run ``factor`` times as slow as measured (every time statistic)."""
+    saved = sorted(storage.rglob("*.json"))[-1]
+    data = json.loads(saved.read_text())
+    for bench in data["benchmarks"]:
+        stats = bench["stats"]
+        for key in (
+            "min",
+            "max",
+            "mean",
+            "stddev",
+            "median",
+            "iqr",
+            "q1",
+            "q3",
+            "ld15iqr",
+            "hd15iqr",
+            "total",
+        ):
+            stats[key] *= factor
+        stats["ops"] /= factor
+    saved.write_text(json.dumps(data))
+
+
+def test_regression_gate_fails_a_median_over_10_percent_slower(tmp_path):
+    """The pytest-benchmark gate: the first run only saves; a run compared against a saved run
+    that was twice as fast fails with exit 1 and says why; against one twice as slow it passes."""
+    pytest.importorskip("torch")
+    pytest.importorskip("pytest_benchmark")
+    storage = tmp_path / "speed"
+    first = run_gate(storage)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "saved as the baseline" in first.stdout
+    scale_saved_run(storage, 0.5)
+    slower = run_gate(storage)
+    assert slower.returncode == 1, slower.stdout[-2000:]
+    assert "more than 10% slower" in slower.stdout
+    assert len(list(storage.rglob("*.json"))) == 2  # the failing run is kept too
+    scale_saved_run(storage, 4.0)  # the failed run, now 2x slower than this machine
+    faster = run_gate(storage)
+    assert faster.returncode == 0, faster.stdout[-2000:]

@@ -21,12 +21,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the project when it is inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/regression/run.py", description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--adapter", action="append", default=[])
+    parser.add_argument("--storage", type=Path, help="saved runs (default .benchmarks/<host>-<device>/)")
     args, rest = parser.parse_known_args(argv)
-    storage = ROOT / ".benchmarks" / f"{platform.node() or 'host'}-{args.device}"
+    storage = (args.storage or ROOT / ".benchmarks" / f"{platform.node() or 'host'}-{args.device}").resolve()
     os.environ["MHA_BENCH_DEVICE"] = args.device
     if args.adapter:
         os.environ["MHA_SPEED_ADAPTERS"] = ",".join(args.adapter)
@@ -34,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         ["--benchmark-compare", "--benchmark-compare-fail=median:10%"] if any(storage.rglob("*.json")) else []
     )
     if not compare:
-        print(f"speed: no saved run in {storage.relative_to(ROOT)} yet; this run is saved as the baseline")
+        print(f"speed: no saved run in {shown(storage)} yet; this run is saved as the baseline")
     sys.path.insert(0, str(ROOT))
     try:
         return pytest.main([
@@ -44,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             "--benchmark-columns=min,median,iqr,max,rounds", "--benchmark-sort=name", *rest,
         ])  # fmt: skip
     except PerformanceRegression:  # raised after the comparison table is printed
-        print(
-            f"speed: a median is more than 10% slower than the previous run saved in {storage.relative_to(ROOT)}"
-        )
+        print(f"speed: a median is more than 10% slower than the previous run saved in {shown(storage)}")
         return 1
 
 
