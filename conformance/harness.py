@@ -138,14 +138,15 @@ def decode_tokens(new_stream: Any, inputs: dict[str, np.ndarray]) -> Any:
     """Feed a decoder one token at a time: token t's query, key and value, against everything
     the adapter cached so far; return the outputs stacked like a full pass's."""
     step = new_stream()  # a fresh cache for every run
-    outputs = []
+    outputs, meta = [], {}
     for t in range(inputs["query"].shape[1]):
         result = step({n: inputs[n][:, t : t + 1] for n in ("query", "key", "value")})
         problem = _result_problem(result)
         if problem:
             return result  # reported as a bad result by the caller
         outputs.append(result["output"])
-    return {"output": np.concatenate(outputs, axis=1), "meta": {"steps": str(len(outputs))}}
+        meta.update(result.get("meta") or {})  # what ran (kernel, provider), as the steps report it
+    return {"output": np.concatenate(outputs, axis=1), "meta": {**meta, "steps": str(len(outputs))}}
 
 
 def execute(

@@ -16,16 +16,24 @@ its inputs rather than from Tq and Tk:
 ``qk_matmul_output_mode=3`` returns the softmax weights, judged as ``attn_weights``. The
 first run is profiled to prove that onnxruntime's ``Attention`` kernel ran (it inlines the
 op's ONNX function body where it has no kernel, e.g. float64 on the CPU provider: a skip).
+
+Incremental decoding (``prepare_decoder``) is the op's own KV-cache use: a one-step model
+takes the new token's query, key and value with ``past_key``/``past_value`` and returns the
+token's output with ``present_key``/``present_value`` (past plus the token), which the
+stream feeds back as the next past, starting from a zero-length past. With ``is_causal`` the
+offset is the past length, so the lone query attends every cached key and its own. The timed
+path (``bench``, ``impls/onnx_bench.py``) runs :func:`attention_model` without the weights
+output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from impls.adapter import POISON_LEAKS
+from impls.adapter import POISON_LEAKS, Prepared
 from impls.onnx_common import Graph, OnnxRuntimeAdapter, Session, from_io, ort_version, to_io
 
 OPSET = 24
@@ -38,9 +46,10 @@ KEY_PADDING_REJECTED = (
 
 
 def attention_model(
-    case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str
+    case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, weights: bool = True
 ) -> tuple[Any, list[str]]:
-    """The ModelProto for one case in ``dtype`` and the names of its runtime inputs."""
+    """The ModelProto for one case in ``dtype`` and the names of its runtime inputs; with
+    ``weights`` the softmax weights are a second output (``qk_matmul_output_mode=3``)."""
     b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
     h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
     g = Graph(dtype)
@@ -49,7 +58,9 @@ def attention_model(
     k = g.linear(g.input("key", case["key"]), case, "k")
     v = g.linear(g.input("value", case["value"]), case, "v")
     mask = g.input("mask", case["mask"]) if "mask" in case else ""
-    attrs: dict[str, Any] = {"q_num_heads": h, "kv_num_heads": hkv, "qk_matmul_output_mode": 3}
+    attrs: dict[str, Any] = {"q_num_heads": h, "kv_num_heads": hkv}
+    if weights:
+        attrs["qk_matmul_output_mode"] = 3
     if spec["scale"] is not None:
         attrs["scale"] = float(spec["scale"])
     past_k = past_v = nonpad = ""
@@ -62,15 +73,77 @@ def attention_model(
             k, v = g.seq_slice(k, p, tk), g.seq_slice(v, p, tk)
         elif tq > tk:  # offset = nonpad_kv_seqlen - Tq < 0
             nonpad = g.ints("nonpad_kv_seqlen", [tk] * b)
+    n_out = 4 if weights else 3 if past_k else 1
     unused = (1, 2) if not past_k else ()
-    y, _, _, weights = g.node(
-        "Attention", [q, k, v, mask, past_k, past_v, nonpad], n_out=4, unused=unused, **attrs
+    y, *outs = g.node(
+        "Attention", [q, k, v, mask, past_k, past_v, nonpad], n_out=n_out, unused=unused, **attrs
     )
     if spec["out_proj"]:
         y = g.linear(y, case, "o")
     g.output(y, "output", [b, tq, spec["d_out"]])
-    g.output(weights, "attn_weights", [b, h, tq, tk])
+    if weights:
+        g.output(outs[-1], "attn_weights", [b, h, tq, tk])
     return g.model({"": OPSET}), names
+
+
+def decoder_model(case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str) -> Any:
+    """One decoding step: the new token's query, key and value [B, 1, d] and the cache
+    ``past_key``/``past_value`` [B, Hkv, P, hd] (P grows: a named dimension) in; the token's
+    ``output`` and ``present_key``/``present_value`` (the cache with the token's projected key
+    and value appended, P + 1 long) out. The same projections as :func:`attention_model`; the
+    op's bottom-right causal rule puts the lone query at offset P, so it attends every cached
+    key and its own."""
+    b, h, hkv = spec["batch"], spec["num_heads"], spec["num_kv_heads"]
+    hd, hdv = spec["head_dim"], spec["v_head_dim"]
+    g = Graph(dtype)
+    q, k, v = (g.linear(g.input(n, case[n][:, :1]), case, n[0]) for n in ("query", "key", "value"))
+    past_k, past_v = (
+        g.input(name, empty, shape=[b, hkv, "past", empty.shape[-1]])
+        for name, empty in empty_cache(spec).items()
+    )
+    attrs: dict[str, Any] = {"q_num_heads": h, "kv_num_heads": hkv, "is_causal": 1}
+    if spec["scale"] is not None:
+        attrs["scale"] = float(spec["scale"])
+    y, present_k, present_v = g.node("Attention", [q, k, v, "", past_k, past_v], n_out=3, **attrs)
+    if spec["out_proj"]:
+        y = g.linear(y, case, "o")
+    g.output(y, "output", [b, 1, spec["d_out"]])
+    g.output(present_k, "present_key", [b, hkv, "total", hd])
+    g.output(present_v, "present_value", [b, hkv, "total", hdv])
+    return g.model({"": OPSET})
+
+
+def empty_cache(spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``past_key``/``past_value`` of length 0 [B, Hkv, 0, hd]: a stream's first step (onnxruntime
+    1.32's CPU Attention and MultiHeadAttention kernels take a zero-length past: measured)."""
+    b, hkv = spec["batch"], spec["num_kv_heads"]
+    return {
+        "past_key": np.zeros((b, hkv, 0, spec["head_dim"]), np.float32),
+        "past_value": np.zeros((b, hkv, 0, spec["v_head_dim"]), np.float32),
+    }
+
+
+def cache_streams(
+    session: Session, spec: Mapping[str, Any], dtype: str, about: Mapping[str, str]
+) -> Callable[[], Prepared]:
+    """The decoder factory over a one-step model (:func:`decoder_model` or the contrib op's):
+    each stream starts from an empty cache, feeds one token's query, key and value with the
+    cache it holds, and keeps the presents the model returns as the next step's past."""
+
+    def new_stream() -> Prepared:
+        cache = {n: to_io(a, dtype) for n, a in empty_cache(spec).items()}
+
+        def step(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            feeds = {**{n: to_io(inputs[n], dtype) for n in ("query", "key", "value")}, **cache}
+            out, cache["past_key"], cache["past_value"] = session.run(
+                feeds, ["output", "present_key", "present_value"]
+            )
+            meta = {**session.meta, **about, "cache_length": str(cache["past_key"].shape[2])}
+            return {"output": from_io(out, dtype), "meta": meta}
+
+        return step
+
+    return new_stream
 
 
 class OnnxAttention(OnnxRuntimeAdapter):
@@ -107,3 +180,15 @@ class OnnxAttention(OnnxRuntimeAdapter):
             return {"output": from_io(out, dtype), "attn_weights": from_io(weights, dtype), "meta": meta}
 
         return run
+
+    def timed_model(self, case, spec, dtype):
+        model, names = attention_model(case, spec, dtype, weights=False)
+        return model, names, {"opset": str(OPSET)}
+
+    def prepare_decoder(self, case, spec, dtype, device):
+        """past_key/past_value in, present_key/present_value out (the op's own cache update),
+        fed back step by step; the first step with an empty past."""
+        what = f"{self.name}: case {spec['id']} in {dtype}, decoding"
+        session = Session(decoder_model(case, spec, dtype), device, self.kernel, what)
+        about = {"opset": str(OPSET), "onnxruntime": ort_version(), "cache": "past_key/past_value -> present"}
+        return cache_streams(session, spec, dtype, about)

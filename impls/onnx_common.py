@@ -120,6 +120,21 @@ class OnnxRuntimeAdapter(Adapter):
         """Why this adapter's attention kernel cannot run in ``dtype`` on ``device``, else None."""
         return kernel_probe(self.kernel, dtype, device)
 
+    def timed_model(
+        self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str
+    ) -> tuple[Any, list[str], dict[str, str]]:
+        """What :meth:`bench` runs: the model (ModelProto or path), its runtime input names, and
+        strings about it for ``meta``. The conformance path's graph, minus outputs only a check
+        reads (attention weights), so the timing is the forward pass alone."""
+        raise NotImplementedError(f"{self.name} has no timed model (OnnxRuntimeAdapter.timed_model)")
+
+    def bench(self, case, spec, dtype, device):
+        """The timed path (``impls/onnx_bench.py``): :meth:`timed_model` in one session with
+        fixed threads, inputs prepared once; onnxruntime runs inference only (no backward)."""
+        from impls.onnx_bench import bench
+
+        return bench(self, case, spec, dtype, device)
+
 
 def cuda_device_name() -> str:
     """The GPU's name, from torch when it can see it (onnxruntime does not report names)."""
@@ -137,14 +152,22 @@ class Session:
     """An onnxruntime session on the asked device that checks, on its first run, which
     provider ran the attention node and that a kernel (not an inlined function) ran it."""
 
-    def __init__(self, model: Any, device: str, kernel: tuple[str, str] | None, what: str) -> None:
+    def __init__(
+        self, model: Any, device: str, kernel: tuple[str, str] | None, what: str, threads: int | None = None
+    ) -> None:
         """``model`` is a ModelProto, serialized bytes or a path; ``kernel`` the (op type, domain)
         that must run (None: a decomposed attention, any of COMPUTE_OPS); ``what`` names the
-        case and dtype for error messages."""
+        case and dtype for error messages. ``threads`` fixes the CPU threads for timing:
+        ``threads`` within an operator, one between operators, nodes run in sequence (the
+        profiling of the first run ends with it, so later runs are not slowed by it)."""
         rt = ort()
         self.device, self.kernel, self.what = device, kernel, what
         options = rt.SessionOptions()
         options.log_severity_level = 4  # failures surface as exceptions; onnxruntime must not print
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = rt.ExecutionMode.ORT_SEQUENTIAL
         self._profile_dir = tempfile.mkdtemp(prefix="mha-ort-profile-")
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(self._profile_dir, "run")
@@ -291,23 +314,21 @@ class Graph:
     def ints(self, stem: str, values: Sequence[int]) -> str:
         return self.const(stem, np.asarray(values, np.int64))
 
-    def input(self, name: str, array: np.ndarray) -> str:
-        """A graph input shaped like ``array``; float inputs in the session's I/O dtype, cast
-        to bfloat16 inside when the graph runs in bfloat16."""
+    def input(self, name: str, array: np.ndarray, shape: Sequence[int | str] | None = None) -> str:
+        """A graph input shaped like ``array`` (or ``shape``, where a string names a dimension
+        that varies between runs, e.g. a KV cache's length); float inputs in the session's I/O
+        dtype, cast to bfloat16 inside when the graph runs in bfloat16."""
         helper = onnx().helper
+        dims = list(array.shape if shape is None else shape)
         if array.dtype == np.bool_:
-            self.inputs.append(
-                helper.make_tensor_value_info(name, onnx().TensorProto.BOOL, list(array.shape))
-            )
+            self.inputs.append(helper.make_tensor_value_info(name, onnx().TensorProto.BOOL, dims))
             return name
-        self.inputs.append(
-            helper.make_tensor_value_info(name, onnx_type(io_dtype(self.dtype)), list(array.shape))
-        )
+        self.inputs.append(helper.make_tensor_value_info(name, onnx_type(io_dtype(self.dtype)), dims))
         if self.dtype == "bfloat16":
             return self.node("Cast", [name], to=onnx_type("bfloat16"))[0]
         return name
 
-    def output(self, value: str, name: str, shape: Sequence[int]) -> None:
+    def output(self, value: str, name: str, shape: Sequence[int | str]) -> None:
         """Expose ``value`` as graph output ``name`` in the session's I/O dtype."""
         to = onnx_type(io_dtype(self.dtype))
         self.nodes.append(onnx().helper.make_node("Cast", [value], [name], to=to))

@@ -15,6 +15,8 @@ j <= past_length + i. So Tq < Tk causal cases put the first Tk - Tq keys and val
 ``past_key``/``past_value`` (with ``present_*`` outputs, which the kernel needs to take the
 past length; biases are then added before the split), which is the bottom-right rule.
 What the op cannot express is a skip with the reason; where it disagrees, a divergence.
+Incremental decoding feeds the op's ``present_key``/``present_value`` back as the next
+``past_key``/``past_value`` (from a zero-length past), as ``onnx-attention`` does.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from impls.adapter import POISON_LEAKS
+from impls.onnx_attention import cache_streams, empty_cache
 from impls.onnx_common import (
     DEFAULT_OPSET,
     MS_DOMAIN,
@@ -75,6 +78,32 @@ def contrib_model(
         y = g.linear(y, case, "o")
     g.output(y, "output", [b, tq, spec["d_out"]])
     return g.model({"": DEFAULT_OPSET, MS_DOMAIN: 1}), names
+
+
+def contrib_decoder_model(case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str) -> Any:
+    """One decoding step through the contrib op: the new token's biased projections (a cache
+    holds finished keys and values, so the biases are added before the op, as for Tq < Tk),
+    ``past_key``/``past_value`` [B, H, P, hd] in, ``present_key``/``present_value`` out;
+    ``unidirectional`` aligns the lone query at the past length, so it sees every key."""
+    b, h, hd = spec["batch"], spec["num_heads"], spec["head_dim"]
+    g = Graph(dtype)
+    q, k, v = (g.linear(g.input(n, case[n][:, :1]), case, n[0]) for n in ("query", "key", "value"))
+    past_k, past_v = (
+        g.input(name, empty, shape=[b, h, "past", empty.shape[-1]])
+        for name, empty in empty_cache(spec).items()
+    )
+    attrs: dict[str, Any] = {"num_heads": h, "unidirectional": 1}
+    if spec["scale"] is not None:
+        attrs["scale"] = float(spec["scale"])
+    y, present_k, present_v = g.node(
+        "MultiHeadAttention", [q, k, v, "", "", "", past_k, past_v], n_out=3, domain=MS_DOMAIN, **attrs
+    )
+    if spec["out_proj"]:
+        y = g.linear(y, case, "o")
+    g.output(y, "output", [b, 1, spec["d_out"]])
+    g.output(present_k, "present_key", [b, h, "total", hd])
+    g.output(present_v, "present_value", [b, h, "total", spec["v_head_dim"]])
+    return g.model({"": DEFAULT_OPSET, MS_DOMAIN: 1})
 
 
 def mask_inputs(g: Graph, mask: str, shape: tuple[int, ...], spec: Mapping[str, Any]) -> tuple[str, str]:
@@ -143,3 +172,19 @@ class OnnxContribMHA(OnnxRuntimeAdapter):
             return {"output": from_io(out, dtype), "meta": meta}
 
         return run
+
+    def timed_model(self, case, spec, dtype):
+        model, names = contrib_model(case, spec, dtype)
+        return model, names, {}
+
+    def prepare_decoder(self, case, spec, dtype, device):
+        """past_key/past_value in, present_key/present_value out, fed back step by step; the
+        first step with an empty past."""
+        if spec["v_head_dim"] != spec["head_dim"]:
+            raise NotImplementedError(
+                "com.microsoft.MultiHeadAttention's past_value must have head_size = the key's head_size"
+            )
+        what = f"{self.name}: case {spec['id']} in {dtype}, decoding"
+        session = Session(contrib_decoder_model(case, spec, dtype), device, self.kernel, what)
+        about = {"onnxruntime": ort_version(), "cache": "past_key/past_value -> present"}
+        return cache_streams(session, spec, dtype, about)

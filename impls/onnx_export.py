@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import os
 import tempfile
 import time
@@ -178,12 +179,18 @@ def exported_model(
         for n in names
     )
     start = time.perf_counter()
-    with warnings.catch_warnings(), t.no_grad(), reused_op_registry():
-        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's concern
-        program = t.onnx.export(
-            sdpa_module(case, spec, dtype), args, dynamo=True, opset_version=opset, verbose=False,
-            input_names=names, output_names=["output"],
-        )  # fmt: skip
+    exporter_log = logging.getLogger("torch.onnx")  # torch's stderr handler would print its notes
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), t.no_grad(), reused_op_registry():
+            warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's concern
+            program = t.onnx.export(
+                sdpa_module(case, spec, dtype), args, dynamo=True, opset_version=opset, verbose=False,
+                input_names=names, output_names=["output"],
+            )  # fmt: skip
+    finally:
+        exporter_log.setLevel(level)
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -218,7 +225,9 @@ class OnnxExport(OnnxRuntimeAdapter):
 
         return {**super().versions(), "torch": torch().__version__, "onnxscript": onnxscript.__version__}
 
-    def prepare(self, case, spec, dtype, device):
+    def timed_model(self, case, spec, dtype):
+        """The exported model's path (from the cache when it is there), its input names, and
+        where it came from; the kernel under test must be in it."""
         path, how = exported_model(case, spec, dtype, self.opset)
         model = onnx().load(str(path), load_external_data=False)
         opset = next(str(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -228,18 +237,16 @@ class OnnxExport(OnnxRuntimeAdapter):
                 f"torch.onnx.export at opset {opset} emitted no {self.kernel[0]} node for case {spec['id']} "
                 f"(it emitted {', '.join(sorted(emitted))})"
             )
-        session = Session(str(path), device, self.kernel, f"{self.name}: case {spec['id']} in {dtype}")
         names = [i.name for i in model.graph.input]
+        return str(path), names, {"opset": opset, "export": how, "model": path.name}
+
+    def prepare(self, case, spec, dtype, device):
+        path, names, about = self.timed_model(case, spec, dtype)
+        session = Session(path, device, self.kernel, f"{self.name}: case {spec['id']} in {dtype}")
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             (out,) = session.run({n: to_io(inputs[n], dtype) for n in names})
-            meta = {
-                **session.meta,
-                "opset": opset,
-                "export": how,
-                "model": path.name,
-                "onnxruntime": ort_version(),
-            }
+            meta = {**session.meta, **about, "onnxruntime": ort_version()}
             return {"output": from_io(out, dtype), "meta": meta}
 
         return run

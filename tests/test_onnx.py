@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,24 +20,14 @@ from conformance.harness import CheckRecord, cast_inputs, check_golden, load  # 
 from impls import onnx_common  # noqa: E402
 from impls.onnx_attention import OnnxAttention, attention_model  # noqa: E402
 from impls.onnx_contrib import OnnxContribMHA  # noqa: E402
+from tests import runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def run_suite(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "conformance/test_golden.py",
-        "-p",
-        "no:cacheprovider",
-        "-q",
-        *args,
-    ]
-    full_env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **env}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=full_env, timeout=600)
+    return runs.run_suite(*args, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **env})
 
 
 @pytest.mark.parametrize("adapter", [OnnxAttention(), OnnxContribMHA()])
@@ -144,3 +133,100 @@ def test_second_run_exports_nothing(tmp_path):
     assert all(m["provider"] == "CPUExecutionProvider" for m in metas)
     assert metas[1]["kernel"] == "Attention on CPUExecutionProvider" and metas[1]["opset"] == "23"
     assert not any(p.name.endswith(".tmp") for p in cache.iterdir())
+
+
+# --- the timed path (Adapter.bench, impls/onnx_bench.py) ---------------------------------
+
+ONNX_ADAPTERS = ["onnx-export", "onnx-export-attention", "onnx-attention", "onnx-contrib-mha"]
+
+
+@pytest.mark.parametrize("name", ONNX_ADAPTERS)
+def test_onnx_timed_bodies_match_the_conformance_path(name, tmp_path, monkeypatch):
+    """The timed body computes exactly what the adapter's conformance path computes (the same
+    graph without the weights output), records threads and the provider that ran the kernel,
+    has no backward, and offers a MatMul in the same dtype for the peak."""
+    if name.startswith("onnx-export"):
+        pytest.importorskip("torch")
+        pytest.importorskip("onnxscript")
+        monkeypatch.setenv("MHA_ONNX_CACHE", str(tmp_path))
+    from conformance import registry
+    from impls.bench import bench_threads
+    from vectors.catalogue import spec as make_spec
+    from vectors.generate import build_inputs
+
+    spec = make_spec("bench_test", "small", batch=2, q_len=16, d_in=32, num_heads=4, head_dim=8, causal=True)
+    inputs = {k: v for k, v in build_inputs(spec).items() if k != "grad_output"}
+    adapter = registry.builtin(name)
+    bench = adapter.bench(inputs, spec, "float32", "cpu")
+    runtime = {k: inputs[k] for k in ("query", "key", "value")}
+    expected = adapter.prepare(inputs, spec, "float32", "cpu")(runtime)["output"]
+    got = bench.to_numpy(bench.forward())
+    bench.sync()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    assert bench.meta["threads"] == str(bench_threads()) and bench.meta["inter_op_threads"] == "1"
+    assert bench.meta["provider"] == "CPUExecutionProvider" and bench.meta["onnxruntime"]
+    assert bench.make_backward is None
+    product = bench.matmul(8)()
+    assert product.shape == (8, 8) and product.dtype == np.float32
+    if name.startswith("onnx-export"):  # the export cache serves the timed path too
+        assert re.fullmatch(r"exported in [\d.]+ s", bench.meta["export"])
+        assert adapter.bench(inputs, spec, "float32", "cpu").meta["export"] == "cached"
+        assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_timed_path_refuses_what_the_kernel_cannot_run():
+    """bfloat16 on the CPU provider has no Attention kernel: a reason, not a timing."""
+    from vectors.catalogue import spec as make_spec
+    from vectors.generate import build_inputs
+
+    spec = make_spec("bench_test", "small", batch=1, q_len=8, d_in=16, num_heads=2, head_dim=8, causal=True)
+    inputs = build_inputs(spec)
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        OnnxAttention().bench(inputs, spec, "bfloat16", "cpu")
+
+
+# --- incremental decoding (prepare_decoder) -----------------------------------------------
+
+
+@pytest.mark.parametrize("adapter", [OnnxAttention(), OnnxContribMHA()])
+def test_decoder_streams_grow_their_cache_from_empty(adapter):
+    """Each stream starts with a zero-length past and the presents come back as the next past;
+    a stream whose cache is dropped after every step (each token then attends only itself)
+    is caught by the same comparison, so the check can fail."""
+    from conformance.harness import decode_tokens, runtime_inputs
+    from conformance.tolerance import judge
+
+    case = load("self_causal_b2_t8_d16_h4")
+    new_stream = adapter.prepare_decoder(cast_inputs(case, "float32"), case.spec, "float32", "cpu")
+    runtime = runtime_inputs(case, "float32")
+    step = new_stream()
+    lengths, metas = [], []
+    for t in range(case.spec["q_len"]):
+        result = step({n: runtime[n][:, t : t + 1] for n in ("query", "key", "value")})
+        lengths.append(int(result["meta"]["cache_length"]))
+        metas.append(result["meta"])
+    assert lengths == list(range(1, case.spec["q_len"] + 1))
+    assert metas[0]["provider"] == "CPUExecutionProvider" and adapter.kernel[0] in metas[0]["kernel"]
+
+    def verdict(outputs):
+        return judge(
+            outputs, case.tensors["output"], tensor="output", dtype="float32",
+            baseline=case.baseline["float32"]["output"], error_scale=case.baseline["error_scale"]["output"],
+        )  # fmt: skip
+
+    assert verdict(decode_tokens(new_stream, runtime)["output"]).passed
+
+    def forgetful():  # a fresh stream for every token: the cache never survives a step
+        return lambda inputs: new_stream()(inputs)
+
+    assert not verdict(decode_tokens(forgetful, runtime)["output"]).passed
+
+
+def test_benchmark_plan_times_every_onnx_adapter():
+    """The runner plans every onnx-* adapter's CPU configurations (none left untimed)."""
+    from benchmarks import runner
+
+    plan = runner.plan("cpu", ["onnx-*"])
+    assert plan["untimed"] == [] and set(plan["adapters"]) == set(ONNX_ADAPTERS)
+    assert len(plan["bench"]) == 4 * 3 * 2  # 4 adapters x 3 lengths x 2 presets (float32 on CPU)
