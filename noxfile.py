@@ -109,7 +109,7 @@ def fuzz(session: nox.Session, backend: str) -> None:
 def tests(session: nox.Session) -> None:
     """The project's own tests, then the suite's golden checks on CPU with the torch adapters
     (``nox -s conformance`` runs every check for every backend)."""
-    install(session, "-e", ".[test,torch,onnx,jax,bench]")
+    install(session, "-e", ".[test,torch,onnx,jax,bench,keras]")
     session.run("python", "-m", "pytest", "tests", "-ra", *session.posargs)
     session.run("python", "-m", "pytest", "conformance/test_golden.py", "-p", "no:cacheprovider", "-rfE",
                 "--adapter", "torch-*", "--report", "results/ci-conformance.json")  # fmt: skip

@@ -26,7 +26,20 @@ from typing import Any
 
 import numpy as np
 
-from impls.adapter import POISON_LEAKS, Adapter, catalogue_ids
+from impls.adapter import Adapter
+from impls.keras_divergences import (
+    FLOAT64_TO_FLOAT32,
+    FUSED_CASES,
+    HALF_SCALE,
+    INEXACT_SCALE_CASES,
+    JAX_VALUE_WIDTH,
+    TF_GRADIENTS,
+    TF_SCALE_ROUNDING,
+    TORCH_FLASH,
+    UNIFORM_ROWS,
+    declared,
+    declared_gradients,
+)
 
 #: The pip extra and the module each Keras backend needs.
 KERAS_BACKENDS = {
@@ -34,82 +47,6 @@ KERAS_BACKENDS = {
     "jax": ("jax", "jax"),
     "torch": ("torch", "torch"),
 }
-
-#: Cases whose 1/sqrt(head_dim) is not exact in float32 (head_dim 2, 5, 8, 128).
-INEXACT_SCALE_CASES = (
-    "causal_long_t512_h2_hd8", "decode_tq1_tk1024_long_cache", "head_dim128_h2",
-    "odd_sizes_t7_din13_h3_hd5_dout11", "seed_gpt3_96_heads_hd2",
-)  # fmt: skip
-TF_SCALE_ROUNDING = (
-    "on TensorFlow, Keras turns the Python-float scale 1/sqrt(key_dim) into a float32 tensor before casting "
-    "it to the compute dtype (tf.cast of a Python float), so under a float64 policy every logit carries the "
-    "scale's float32 rounding: ~3e-8 relative error whenever 1/sqrt(head_dim) is not exact in float32"
-)
-FLOAT64_TO_FLOAT32 = (
-    "Keras's fused ops.dot_product_attention casts q, k and v to backend.result_type('float64', 'float64'), "
-    "which is 'float32' under the default floatx, so attention in a float64 layer runs in float32: ~1e-7 "
-    "relative error"
-)
-HALF_SCALE = (
-    "Keras casts the scale 1/sqrt(key_dim) to the half dtype (float16 keeps 11 bits: up to 2.4e-4 relative "
-    "error in every logit) and multiplies by it in the half dtype; with long rows, wide heads or logits "
-    "near 7e3 that reaches 2-6x the straightforward float16/bfloat16 error"
-)
-UNIFORM_ROWS = (
-    "a query row with no allowed key gets uniform weights 1/Tk (masked scores are set to a large negative "
-    "number, not excluded), so its context is the mean of all values, where the reference gives zeros"
-)
-JAX_VALUE_WIDTH = (
-    "the JAX backend's dot_product_attention cannot take values wider than keys (TypeError: cannot reshape), "
-    "although MultiHeadAttention(value_dim != key_dim) accepts the configuration"
-)
-TORCH_FLASH = (
-    "the torch backend runs torch's CPU flash kernel, whose online softmax over 1024 keys in float32 reaches "
-    "5.5x the straightforward float32 error (as torch-sdpa does)"
-)
-
-
-#: With dropout declared (even in eval mode) Keras takes its explicit path, never the fused one.
-FUSED_CASES = catalogue_ids(lambda c: c["dropout"] == 0)
-
-
-def declared(path: str, entries: list[tuple[str, str, str]]) -> dict[str, str]:
-    """``{check:case:dtype: "<path>: <reason>"}`` from (case pattern, dtype pattern, reason); first match wins."""
-    found = {f"golden:{case}:{dtype}": f"{path}: {reason}" for case, dtype, reason in entries}
-    return {**found, **{p: f"{path}: {r}" for p, r in POISON_LEAKS.items()}}
-
-
-HALF_BIAS_SUM = (
-    "TensorFlow sums bias gradients over batch and tokens in the half dtype (grad_b_o of large_values_v1e2 "
-    "is a plain sum of grad_output: 2.4x; over 512 tokens 4.7x), where the baseline accumulates in float32; "
-    "with the half-dtype scale the other gradients reach 2-2.7x"
-)
-TF_FLOAT32_BACKWARD = (
-    "with 128-wide heads the float32 backward (einsum gradients in TensorFlow's own order) reaches 2.1-2.7x "
-    "the straightforward float32 gradient error"
-)
-#: Gradient divergences measured on CPU (TensorFlow 2.21, Keras 3.15), per path (case, dtype, reason).
-TF_GRADIENTS = {
-    "fused": [("*fully_masked*", "*", UNIFORM_ROWS + "; the gradients flow into every value")]
-    + [(case, "float64", TF_SCALE_ROUNDING) for case in INEXACT_SCALE_CASES]
-    + [(c, "bfloat16", HALF_BIAS_SUM) for c in ("batch1_self_t8", "causal_long_t512_h2_hd8", "large_values_v1e2")]
-    + [(c, "float16", HALF_BIAS_SUM) for c in (
-        "decode_tq1_tk1024_long_cache", "head_dim128_h2", "mqa_h4_kv1", "seed_reduced_projection_din16_h2_hd4_dout16")]
-    + [("huge_logits_1e4", "float16", HALF_SCALE), ("huge_logits_1e4", "bfloat16", HALF_SCALE),
-       ("head_dim128_h2", "float32", TF_FLOAT32_BACKWARD)],
-    "explicit": [(case, "float64", TF_SCALE_ROUNDING) for case in INEXACT_SCALE_CASES]
-    + [(c, "bfloat16", HALF_BIAS_SUM) for c in (
-        "batch1_self_t8", "causal_long_t512_h2_hd8", "gqa_h6_kv3_causal", "large_values_v1e2")]
-    + [(c, "float16", HALF_BIAS_SUM) for c in (
-        "causal_long_t512_h2_hd8", "decode_tq1_tk1024_long_cache", "odd_sizes_t7_din13_h3_hd5_dout11")]
-    + [("huge_logits_1e4", "float16", HALF_SCALE), ("huge_logits_1e4", "bfloat16", HALF_SCALE),
-       ("head_dim128_h2", "float32", TF_FLOAT32_BACKWARD)],
-}  # fmt: skip
-
-
-def declared_gradients(path: str, entries: list[tuple[str, str, str]]) -> dict[str, str]:
-    """Like :func:`declared`, for the gradients check."""
-    return {f"gradients:{case}:{dtype}": f"{path}: {reason}" for case, dtype, reason in entries}
 
 
 def keras():
@@ -201,7 +138,7 @@ class KerasMHA(Adapter):
                 )
         return None
 
-    def _layer(self, spec: Mapping[str, Any], dtype: str, use_bias: bool):
+    def _layer(self, spec: Mapping[str, Any], dtype: str, use_bias: bool, seed: int | None = None):
         k = keras()
         if spec["num_kv_heads"] != spec["num_heads"]:
             if not hasattr(k.layers, "GroupQueryAttention"):
@@ -211,10 +148,11 @@ class KerasMHA(Adapter):
             return k.layers.GroupQueryAttention(
                 head_dim=spec["head_dim"], num_query_heads=spec["num_heads"],
                 num_key_value_heads=spec["num_kv_heads"], dropout=spec["dropout"], use_bias=use_bias, dtype=dtype,
+                seed=seed,
             )  # fmt: skip
         return k.layers.MultiHeadAttention(
             num_heads=spec["num_heads"], key_dim=spec["head_dim"], value_dim=spec["v_head_dim"],
-            output_shape=spec["d_out"], dropout=spec["dropout"], use_bias=use_bias, dtype=dtype,
+            output_shape=spec["d_out"], dropout=spec["dropout"], use_bias=use_bias, dtype=dtype, seed=seed,
         )  # fmt: skip
 
     def _tensor(self, array: np.ndarray, dtype: str):
@@ -261,18 +199,17 @@ class KerasMHA(Adapter):
         return (allowed if mask is not None or spec["causal"] else None), False
 
     def _device_scope(self, device: str):
-        import contextlib
-
-        if device == "cpu" or self.keras_backend == "torch":
-            return contextlib.nullcontext()
-        gpu = self._gpu()
+        """Place what is built and computed inside on ``device``, explicitly: every backend would
+        otherwise pick a GPU where there is one, even for a run labelled cpu."""
         if self.keras_backend == "tensorflow":
             import tensorflow as tf
 
-            return tf.device(gpu)
-        import jax
+            return tf.device("/CPU:0" if device == "cpu" else self._gpu())
+        if self.keras_backend == "jax":
+            import jax
 
-        return jax.default_device(gpu)
+            return jax.default_device(jax.devices("cpu")[0] if device == "cpu" else self._gpu())
+        return keras().device(device)
 
     def _check_device(self, out, device: str) -> None:
         """A result labelled cuda must have been computed on a GPU."""
@@ -283,33 +220,49 @@ class KerasMHA(Adapter):
         if (device == "cuda") != on_gpu:
             raise RuntimeError(f"{self.name}: result computed on {where!r}, but the test asked for {device}")
 
-    def prepare(self, case, spec, dtype, device):
-        k = keras()
+    def build(self, case, spec: Mapping[str, Any], dtype: str, device: str, seed: int | None = None):
+        """The layer with the case's weights on ``device`` (``seed`` seeds its dropout), as
+        every path runs it: the conformance, gradient, training and timed ones."""
         if device == "cuda" and self.keras_backend == "torch":
             raise NotImplementedError("Keras on torch places tensors itself; cuda runs are not wired up yet")
-        use_bias = spec["qkv_bias"] or spec["out_bias"]
         with self._device_scope(device):
-            layer = self._layer(spec, dtype, use_bias)
+            layer = self._layer(spec, dtype, spec["qkv_bias"] or spec["out_bias"], seed)
             shapes = [
                 (spec["batch"], spec["q_len"], spec["d_in"]),
                 (spec["batch"], spec["kv_len"], spec["vdim"]),
             ]
-            key_shape = (spec["batch"], spec["kv_len"], spec["kdim"])
-            layer.build(*shapes, key_shape)
+            layer.build(*shapes, (spec["batch"], spec["kv_len"], spec["kdim"]))
             self._load_weights(layer, case, spec, dtype)
+        return layer
+
+    def tensors(self, spec: Mapping[str, Any], inputs: Mapping[str, np.ndarray], dtype: str, device: str):
+        """(query, key, value, attention_mask, use_causal_mask) as backend tensors on ``device``;
+        self-attention passes one tensor three times, as its callers do."""
+        attention_mask, use_causal = self._attention_mask(spec, inputs.get("mask"))
+        with self._device_scope(device):
+            q = self._tensor(inputs["query"], dtype)
+            kk = q if spec["self_attention"] else self._tensor(inputs["key"], dtype)
+            v = q if spec["self_attention"] else self._tensor(inputs["value"], dtype)
+            am = None if attention_mask is None else keras().ops.convert_to_tensor(attention_mask)
+        return q, kk, v, am, use_causal
+
+    def call(self, layer, q, kk, v, am, use_causal: bool, training: bool):
+        """One call of the layer: (output, per-head weights or None)."""
+        result = layer(
+            q, v, key=kk, attention_mask=am, use_causal_mask=use_causal,
+            return_attention_scores=self.return_scores, training=training,
+        )  # fmt: skip
+        return result if self.return_scores else (result, None)
+
+    def prepare(self, case, spec, dtype, device, training: bool = False):
+        k = keras()
+        # Training draws fresh dropout masks on every call from the layer's own seeded generator.
+        layer = self.build(case, spec, dtype, device, seed=0 if training else None)
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-            attention_mask, use_causal = self._attention_mask(spec, inputs.get("mask"))
+            q, kk, v, am, use_causal = self.tensors(spec, inputs, dtype, device)
             with self._device_scope(device):
-                q = self._tensor(inputs["query"], dtype)
-                kk = q if spec["self_attention"] else self._tensor(inputs["key"], dtype)
-                v = q if spec["self_attention"] else self._tensor(inputs["value"], dtype)
-                am = None if attention_mask is None else k.ops.convert_to_tensor(attention_mask)
-                result = layer(
-                    q, v, key=kk, attention_mask=am, use_causal_mask=use_causal,
-                    return_attention_scores=self.return_scores, training=False,
-                )  # fmt: skip
-            out, scores = result if self.return_scores else (result, None)
+                out, scores = self.call(layer, q, kk, v, am, use_causal, training)
             self._check_device(out, device)
             got = k.backend.standardize_dtype(out.dtype)
             if got != dtype:
@@ -322,6 +275,18 @@ class KerasMHA(Adapter):
 
         return run
 
+    def prepare_training(self, case, spec, dtype, device):
+        """The layer built with ``dropout=spec["dropout"]`` and ``seed=0`` (its own
+        SeedGenerator: reproducible, and each call draws a new mask) and called with
+        ``training=True``. With dropout Keras always takes its explicit path, so both
+        adapters drop through the same ``Dropout`` layer on the softmax weights."""
+        return self.prepare(case, spec, dtype, device, training=True)
+
+    def bench(self, case, spec, dtype, device):
+        from impls.keras_bench import bench  # timed bodies live apart from the conformance path
+
+        return bench(self, case, spec, dtype, device)
+
     def prepare_backward(self, case, spec, dtype, device):
         """``tf.GradientTape`` over the layer on TensorFlow (the other Keras backends differentiate
         differently and are not wired up): query, key and value are three watched tensors, the
@@ -332,27 +297,17 @@ class KerasMHA(Adapter):
             raise NotImplementedError(f"{self.name}: gradients are wired up for Keras on TensorFlow only")
         import tensorflow as tf
 
-        k = keras()
-        use_bias = spec["qkv_bias"] or spec["out_bias"]
         gqa = spec["num_kv_heads"] != spec["num_heads"]
-        with self._device_scope(device):
-            layer = self._layer(spec, dtype, use_bias)
-            shapes = [
-                (spec["batch"], spec["q_len"], spec["d_in"]),
-                (spec["batch"], spec["kv_len"], spec["vdim"]),
-            ]
-            layer.build(*shapes, (spec["batch"], spec["kv_len"], spec["kdim"]))
-            self._load_weights(layer, case, spec, dtype)
+        layer = self.build(case, spec, dtype, device)
         dense = {
             short: getattr(layer, f"_{name}_dense" if gqa else f"{name}_dense")
             for short, name in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "output"))
         }
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-            attention_mask, use_causal = self._attention_mask(spec, inputs.get("mask"))
+            # Three separate tensors even for self-attention: the contract wants each one's gradient.
+            q, kk, v, am, use_causal = self.tensors({**spec, "self_attention": False}, inputs, dtype, device)
             with self._device_scope(device):
-                q, kk, v = (self._tensor(inputs[n], dtype) for n in ("query", "key", "value"))
-                am = None if attention_mask is None else k.ops.convert_to_tensor(attention_mask)
                 variables = {}
                 for short, sub in dense.items():
                     variables[f"w_{short}"] = sub.kernel
@@ -360,11 +315,7 @@ class KerasMHA(Adapter):
                         variables[f"b_{short}"] = sub.bias
                 with tf.GradientTape() as tape:
                     tape.watch([q, kk, v])
-                    result = layer(
-                        q, v, key=kk, attention_mask=am, use_causal_mask=use_causal,
-                        return_attention_scores=self.return_scores, training=False,
-                    )  # fmt: skip
-                    out = result[0] if self.return_scores else result
+                    out, _ = self.call(layer, q, kk, v, am, use_causal, training=False)
                 sources = [q, kk, v, *variables.values()]
                 grads = tape.gradient(
                     out, sources, output_gradients=self._tensor(inputs["grad_output"], dtype)
@@ -380,7 +331,7 @@ class KerasMHA(Adapter):
                 elif name.startswith("grad_b_"):
                     grad = tf.reshape(grad, (-1,))
                 found[name] = self._numpy(grad, dtype)
-            found["meta"] = {"keras_backend": k.backend.backend()}
+            found["meta"] = {"keras_backend": keras().backend.backend()}
             return found
 
         return run
