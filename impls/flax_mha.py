@@ -8,8 +8,13 @@
 
 Kernels go in as Flax stores them: query/key/value [in, heads, head_dim] with biases
 [heads, head_dim], output [H, head_dim, out]. The mask is [B, H|1, Tq, Tk], True = attend,
-with the causal rule added bottom-right aligned; ``deterministic=True``. The forward is
-``jax.jit``-compiled once per prepared (case, dtype, device) over the split module state.
+with the causal rule added bottom-right aligned; ``deterministic=True`` except in training
+mode (``prepare_training``: ``deterministic=False`` and a fresh dropout key per call).
+
+The module functions below are what runs, each ``jax.jit``-compiled once per process for each
+distinct static part (the Flax graph, which Flax compares by structure, and ``sow``), shapes
+and dtypes (``impls.jax_common.jitted``), with the module state as an argument: cases of
+equal structure share one executable. ``impls/jax_bench.py`` times the same functions.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from impls.adapter import POISON_LEAKS
-from impls.jax_common import UNIFORM_ROWS, JaxAdapter, allowed, jax, several_keys_per_row
+from impls.jax_common import UNIFORM_ROWS, JaxAdapter, allowed, jax, jitted, several_keys_per_row
 from impls.jax_sdpa import BF16_BIAS_SUM, BF16_BIAS_SUM_CASES, FLOAT32_SOFTMAX
 
 HALF_PRESCALE = (
@@ -78,6 +83,58 @@ def flax_gradient_divergences(explicit: bool) -> dict[str, str]:
     return found
 
 
+def nnx():
+    from flax import nnx
+
+    return nnx
+
+
+def call(module, sow: bool, *args, **kwargs):
+    """``module(*args, sow_weights=sow, **kwargs)`` as ``(output, sown weights or None)``: with
+    ``sow`` the call runs under ``nnx.capture``, which collects what ``Module.sow`` stores."""
+    if not sow:
+        return module(*args, sow_weights=False, **kwargs), None
+    return nnx().capture(module, nnx().Intermediate)(*args, sow_weights=True, **kwargs)
+
+
+def flax_forward(state, query, key, value, mask, graphdef, sow: bool):
+    """The module's eval-mode forward: ``(output, sown weights or None)``."""
+    return call(nnx().merge(graphdef, state), sow, query, key, value, mask=mask, deterministic=True)
+
+
+def flax_vjp(params, rest, query, key, value, mask, graphdef, sow: bool):
+    """``(output, pullback)`` with respect to the module's ``nnx.Param`` state and the three
+    inputs; ``sow`` as the forward has it (it is what picks Flax's explicit softmax path)."""
+
+    def forward(params, query, key, value):
+        module = nnx().merge(graphdef, params, rest)
+        return call(module, sow, query, key, value, mask=mask, deterministic=True)[0]
+
+    return jax().vjp(forward, params, query, key, value)
+
+
+def flax_gradients(params, rest, query, key, value, mask, grad_output, graphdef, sow: bool):
+    """The gradients of ``sum(output * grad_output)``: (d_params, d_query, d_key, d_value)."""
+    _, pullback = flax_vjp(params, rest, query, key, value, mask, graphdef, sow)
+    return pullback(grad_output)
+
+
+def flax_training(state, query, key, value, mask, seed, count, graphdef, sow: bool):
+    """The forward in training mode: ``deterministic=False``, dropout drawn from the key
+    ``fold_in(key(seed), count)`` (traced arguments: every call draws anew, no recompile)."""
+    j = jax()
+    rngs = nnx().Rngs(dropout=j.random.fold_in(j.random.key(seed), count))
+    module = nnx().merge(graphdef, state)
+    return call(module, sow, query, key, value, mask=mask, deterministic=False, rngs=rngs)[0]
+
+
+def flax_decode_step(state, token, graphdef):
+    """One ``decode=True`` step: the token's output and the module state with the cache advanced."""
+    module = nnx().merge(graphdef, state)
+    out = module(token, decode=True, deterministic=True)
+    return out, nnx().state(module)
+
+
 class FlaxMHA(JaxAdapter):
     name = "flax-mha"
     framework = "flax"
@@ -118,55 +175,55 @@ class FlaxMHA(JaxAdapter):
         return None
 
     def build(self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str):
-        from flax import nnx
-
+        """The module with the case's weights. Constructed abstractly (``nnx.eval_shape``: no
+        random initialisation to compile and run for weights that are replaced anyway), then
+        every kernel and bias set from the case (a bias the case lacks is exactly zero:
+        x + 0 == x in every dtype). ``keep_rngs=False``: training mode passes its dropout key
+        with each call."""
+        nnx_ = nnx()
         jnp = jax().numpy
         h, hkv, hd = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
         use_bias = spec["qkv_bias"] or spec["out_bias"]
-        module = nnx.MultiHeadAttention(
-            num_heads=h, in_features=spec["d_in"], qkv_features=h * hd, out_features=spec["d_out"],
-            num_kv_heads=hkv, in_kv_features=spec["kdim"], dtype=getattr(jnp, dtype),
-            param_dtype=getattr(jnp, dtype), dropout_rate=spec["dropout"], deterministic=True,
-            use_bias=use_bias, decode=False, rngs=nnx.Rngs(0),
+        module = nnx_.eval_shape(
+            lambda: nnx_.MultiHeadAttention(
+                num_heads=h, in_features=spec["d_in"], qkv_features=h * hd, out_features=spec["d_out"],
+                num_kv_heads=hkv, in_kv_features=spec["kdim"], dtype=getattr(jnp, dtype),
+                param_dtype=getattr(jnp, dtype), dropout_rate=spec["dropout"], deterministic=True,
+                use_bias=use_bias, decode=False, rngs=nnx_.Rngs(0), keep_rngs=False,
+            )
         )  # fmt: skip
+        host = np.dtype(getattr(jnp, dtype))  # converted on the host: no XLA convert to compile
+
+        def set_to(variable, values: np.ndarray) -> None:
+            variable.set_value(jnp.asarray(np.asarray(values, dtype=host).reshape(variable.shape)))
+
         layers = {"q": (module.query, (h, hd)), "k": (module.key, (hkv, hd)), "v": (module.value, (hkv, hd))}
         for short, (layer, heads) in layers.items():
-            w = case[f"w_{short}"]
-            layer.kernel[...] = jnp.asarray(w.reshape(w.shape[0], *heads), dtype=getattr(jnp, dtype))
+            set_to(layer.kernel, case[f"w_{short}"])
             if use_bias:
-                bias = case.get(f"b_{short}")
-                # A missing bias is exactly a zero bias: x + 0 == x in every dtype.
-                values = np.zeros(heads, np.float32) if bias is None else bias.reshape(heads)
-                layer.bias[...] = jnp.asarray(values, dtype=getattr(jnp, dtype))
-        module.out.kernel[...] = jnp.asarray(
-            case["w_o"].reshape(h, hd, spec["d_out"]), dtype=getattr(jnp, dtype)
-        )
+                set_to(layer.bias, case.get(f"b_{short}", np.zeros(heads, np.float32)))
+        set_to(module.out.kernel, case["w_o"])
         if use_bias:
-            bias = case.get("b_o")
-            values = np.zeros(spec["d_out"], np.float32) if bias is None else bias
-            module.out.bias[...] = jnp.asarray(values, dtype=getattr(jnp, dtype))
+            set_to(module.out.bias, case.get("b_o", np.zeros(spec["d_out"], np.float32)))
         return module
 
-    def prepare(self, case, spec, dtype, device):
-        from flax import nnx
-
+    def split(self, case, spec, dtype, device):
+        """``(graphdef, state)`` of the built module, the state on ``device``."""
         j = jax()
         with j.default_device(self.device(device)):
-            graphdef, state = nnx.split(self.build(case, spec, dtype))
-        state = j.device_put(state, self.device(device))
-        sow = self.sow_weights
+            graphdef, state = nnx().split(self.build(case, spec, dtype))
+        return graphdef, j.device_put(state, self.device(device))
 
-        @j.jit
-        def forward(state, query, key, value, mask):
-            module = nnx.merge(graphdef, state)
-            out = module(query, key, value, mask=mask, sow_weights=sow, deterministic=True)
-            weights = nnx.pop(module, nnx.Intermediate) if sow else None
-            return out, weights
+    def prepare(self, case, spec, dtype, device):
+        j = jax()
+        graphdef, state = self.split(case, spec, dtype, device)
+        forward = jitted(flax_forward, "graphdef", "sow")
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             mask = allowed(spec, inputs.get("mask"))
             args = [self.put(inputs[n], dtype, device) for n in ("query", "key", "value")]
-            out, weights = forward(state, *args, None if mask is None else self.put(mask, "bool", device))
+            mask = None if mask is None else self.put(mask, "bool", device)
+            out, weights = forward(state, *args, mask, graphdef=graphdef, sow=self.sow_weights)
             result = {"output": self.fetch(out, dtype, device)}
             if weights is not None:
                 (sown,) = j.tree_util.tree_leaves(weights)
@@ -175,29 +232,41 @@ class FlaxMHA(JaxAdapter):
 
         return run
 
+    def prepare_training(self, case, spec, dtype, device):
+        """The same module in training mode: ``deterministic=False`` with dropout
+        ``spec["dropout"]``, a new dropout key for every call (``fold_in`` of a fixed seed and
+        the call count, so a run is reproducible). Only the output is returned: the weights
+        Flax sows are taken before dropout, so they would not show what was dropped."""
+        graphdef, state = self.split(case, spec, dtype, device)
+        training = jitted(flax_training, "graphdef", "sow")
+        calls = [0]
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            mask = allowed(spec, inputs.get("mask"))
+            args = [self.put(inputs[n], dtype, device) for n in ("query", "key", "value")]
+            mask = None if mask is None else self.put(mask, "bool", device)
+            out = training(state, *args, mask, 0, calls[0], graphdef=graphdef, sow=self.sow_weights)
+            calls[0] += 1
+            return {"output": self.fetch(out, dtype, device)}
+
+        return run
+
     def prepare_decoder(self, case, spec, dtype, device):
         """Flax's own autoregressive cache: ``init_cache`` for the case's length, then
         ``decode=True`` with one token per call; the jitted step threads the cache state."""
-        from flax import nnx
-
         j = jax()
         with j.default_device(self.device(device)):
             module = self.build(case, spec, dtype)
             module.init_cache((spec["batch"], spec["q_len"], spec["d_in"]), dtype=getattr(j.numpy, dtype))
-            graphdef, initial = nnx.split(module)
+            graphdef, initial = nnx().split(module)
         initial = j.device_put(initial, self.device(device))
-
-        @j.jit
-        def step(state, token):
-            module = nnx.merge(graphdef, state)
-            out = module(token, decode=True, deterministic=True)
-            return out, nnx.state(module)
+        step = jitted(flax_decode_step, "graphdef")
 
         def new_stream():
             state = [initial]
 
             def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-                out, state[0] = step(state[0], self.put(inputs["query"], dtype, device))
+                out, state[0] = step(state[0], self.put(inputs["query"], dtype, device), graphdef=graphdef)
                 return {"output": self.fetch(out, dtype, device)}
 
             return run
@@ -205,45 +274,40 @@ class FlaxMHA(JaxAdapter):
         return new_stream
 
     def prepare_backward(self, case, spec, dtype, device):
-        """``jax.vjp`` of the module over its split state (the kernels Flax trains) and the three
-        inputs at ``grad_output``. Kernel gradients come back in Flax's [in, H, hd] (output
-        [H, hd, out]) layout and are reshaped to the golden [in, out]; a bias Flax holds as zeros
-        because the case has none is not returned."""
-        from flax import nnx
-
-        j = jax()
-        with j.default_device(self.device(device)):
-            graphdef, state = nnx.split(self.build(case, spec, dtype))
-        state = j.device_put(state, self.device(device))
-        params, rest = state.split(nnx.Param, ...)
-        sow = self.sow_weights
-
-        @j.jit
-        def gradients(params, query, key, value, mask, grad_output):
-            def forward(params, query, key, value):
-                module = nnx.merge(graphdef, params, rest)
-                # sow_weights as the forward has it: it is what picks Flax's explicit softmax path.
-                return module(query, key, value, mask=mask, sow_weights=sow, deterministic=True)
-
-            _, vjp = j.vjp(forward, params, query, key, value)
-            return vjp(grad_output)
+        """``jax.vjp`` of the module over its ``nnx.Param`` state (the kernels Flax trains) and
+        the three inputs at ``grad_output``. Kernel gradients come back in Flax's [in, H, hd]
+        (output [H, hd, out]) layout and are reshaped to the golden [in, out] on the host; a
+        bias Flax holds as zeros because the case has none is not returned."""
+        graphdef, state = self.split(case, spec, dtype, device)
+        params, rest = nnx().split_state(state, nnx().Param, ...)
+        gradients = jitted(flax_gradients, "graphdef", "sow")
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             mask = allowed(spec, inputs.get("mask"))
             args = [self.put(inputs[n], dtype, device) for n in ("query", "key", "value", "grad_output")]
             mask = None if mask is None else self.put(mask, "bool", device)
-            d_params, d_query, d_key, d_value = gradients(params, *args[:3], mask, args[3])
+            d_params, d_query, d_key, d_value = gradients(
+                params, rest, *args[:3], mask, args[3], graphdef=graphdef, sow=self.sow_weights
+            )
             grads = {"grad_query": d_query, "grad_key": d_key, "grad_value": d_value}
+            result = {n: self.fetch(g, dtype, device) for n, g in grads.items()}
             for short, layer in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out")):
-                kernel = d_params[layer]["kernel"][...]
-                width = kernel.shape[-1] if short == "o" else -1
-                rows = kernel.shape[0] if short != "o" else -1
-                grads[f"grad_w_{short}"] = kernel.reshape(rows, width)
+                kernel = self.fetch(d_params[layer]["kernel"][...], dtype, device)
+                golden = (-1, kernel.shape[-1]) if short == "o" else (kernel.shape[0], -1)
+                result[f"grad_w_{short}"] = kernel.reshape(golden)
                 if f"b_{short}" in case:
-                    grads[f"grad_b_{short}"] = d_params[layer]["bias"][...].reshape(-1)
-            return {n: self.fetch(g, dtype, device) for n, g in grads.items()}
+                    result[f"grad_b_{short}"] = self.fetch(
+                        d_params[layer]["bias"][...], dtype, device
+                    ).reshape(-1)
+            return result
 
         return run
+
+    def bench(self, case, spec, dtype, device):
+        """The timed body (``impls/jax_bench.py``): :func:`flax_forward` jitted as here."""
+        from impls.jax_bench import bench_flax
+
+        return bench_flax(self, case, spec, dtype, device)
 
 
 class FlaxMHAWeights(FlaxMHA):

@@ -4,18 +4,21 @@ Layout [B, T, N, H]; native grouped-query attention (fewer kv heads), ``scale=``
 scales, and ``is_causal`` only where its top-left alignment is right (Tq == Tk, no other
 mask); otherwise the bottom-right causal rule goes in as a bool mask. ``implementation``
 is ``"xla"`` on CPU and ``"cudnn"`` on GPU where the case fits cuDNN (half dtypes), else
-``"xla"``. The forward is jit-compiled once per prepared (case, dtype, device).
+``"xla"``. :func:`attention` is the one statement of the computation (forward, vjp and the
+timed body in ``impls/jax_bench.py``); it is jit-compiled once per process for each distinct
+:class:`Structure`, shapes and dtypes (``impls.jax_common.jitted``), weights as arguments.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from impls.adapter import POISON_LEAKS
-from impls.jax_common import UNIFORM_ROWS, JaxAdapter, allowed, jax, several_keys_per_row
+from impls.jax_common import UNIFORM_ROWS, JaxAdapter, allowed, jax, jitted, several_keys_per_row
 
 FLOAT32_SOFTMAX = (
     "jax.nn.dot_product_attention's xla implementation computes the softmax in float32 even for float64 "
@@ -41,6 +44,59 @@ XLA_FLOAT32_GRADS = (
     "single_head_h1_hd16 2.7x, cross_tq5_tk9 grad_b_q 2.25x)"
 )
 XLA_FLOAT32_GRAD_CASES = ("cross_tq5_tk9", "scale_one_unscaled", "single_head_h1_hd16")
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What the traced computation depends on besides the arrays' shapes and dtypes: the
+    static part of the jit cache key (hashable), taken from the spec."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    scale: float | None
+    #: jax's is_causal is top-left aligned: used only where that is the rule (Tq == Tk, no mask).
+    top_left_causal: bool
+    out_proj: bool
+    implementation: str
+
+
+def attention(params: Mapping[str, Any], query, key, value, mask, structure: Structure):
+    """Projections, ``jax.nn.dot_product_attention`` ([B, T, N, H]) and the output projection;
+    ``params`` holds the case's ``w_*``/``b_*`` in the golden [in, out] layout (a bias the case
+    lacks is absent, not zero). Pure, for ``jax.jit`` and ``jax.vjp``."""
+    s = structure
+
+    def project(x, short: str, heads: int, width: int):
+        y = x @ params[f"w_{short}"]
+        if f"b_{short}" in params:
+            y = y + params[f"b_{short}"]
+        return y.reshape(x.shape[0], x.shape[1], heads, width)
+
+    q, k = project(query, "q", s.heads, s.head_dim), project(key, "k", s.kv_heads, s.head_dim)
+    v = project(value, "v", s.kv_heads, s.v_head_dim)
+    ctx = jax().nn.dot_product_attention(
+        q, k, v, mask=mask, scale=s.scale, is_causal=s.top_left_causal, implementation=s.implementation
+    )
+    out = ctx.reshape(query.shape[0], query.shape[1], s.heads * s.v_head_dim)
+    if s.out_proj:
+        out = out @ params["w_o"]
+        if "b_o" in params:
+            out = out + params["b_o"]
+    return out
+
+
+def attention_vjp(params, query, key, value, mask, structure: Structure):
+    """``(output, pullback)`` of :func:`attention` with respect to params, query, key and value
+    (three arguments even when a self-attention caller passes one array three times)."""
+    return jax().vjp(lambda p, q, k, v: attention(p, q, k, v, mask, structure), params, query, key, value)
+
+
+def attention_gradients(params, query, key, value, mask, grad_output, structure: Structure):
+    """The gradients of ``sum(attention(...) * grad_output)``: (d_params, d_query, d_key, d_value)."""
+    _, pullback = attention_vjp(params, query, key, value, mask, structure)
+    return pullback(grad_output)
 
 
 class JaxSDPA(JaxAdapter):
@@ -74,84 +130,67 @@ class JaxSDPA(JaxAdapter):
     def implementation(self, dtype: str, device: str) -> str:
         return "cudnn" if device == "cuda" and dtype in ("float16", "bfloat16") else "xla"
 
-    def prepare(self, case, spec, dtype, device):
-        j = jax()
-        b, tq = spec["batch"], spec["q_len"]
-        h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
-        params = {n: self.put(a, dtype, device) for n, a in case.items() if n[:2] in ("w_", "b_")}
-        impl = self.implementation(dtype, device)
+    def structure(self, spec: Mapping[str, Any], dtype: str, device: str) -> Structure:
         top_left = spec["causal"] and spec["q_len"] == spec["kv_len"] and spec.get("mask") is None
+        return Structure(
+            heads=spec["num_heads"], kv_heads=spec["num_kv_heads"], head_dim=spec["head_dim"],
+            v_head_dim=spec["v_head_dim"], scale=spec["scale"], top_left_causal=top_left,
+            out_proj=spec["out_proj"], implementation=self.implementation(dtype, device),
+        )  # fmt: skip
 
-        @j.jit
-        def forward(params, query, key, value, mask):
-            def project(x, short, heads, width):
-                y = x @ params[f"w_{short}"]
-                if f"b_{short}" in params:
-                    y = y + params[f"b_{short}"]
-                return y.reshape(b, -1, heads, width)  # [B, T, N, H]
+    def params(self, case: Mapping[str, np.ndarray], dtype: str, device: str) -> dict[str, Any]:
+        """The case's weights and biases on ``device``, as :func:`attention` takes them."""
+        return {n: self.put(a, dtype, device) for n, a in case.items() if n[:2] in ("w_", "b_")}
 
-            q, k, v = project(query, "q", h, hd), project(key, "k", hkv, hd), project(value, "v", hkv, hdv)
-            ctx = j.nn.dot_product_attention(
-                q, k, v, mask=mask, scale=spec["scale"], is_causal=top_left, implementation=impl
-            )
-            out = ctx.reshape(b, tq, h * hdv)
-            if spec["out_proj"]:
-                out = out @ params["w_o"]
-                if "b_o" in params:
-                    out = out + params["b_o"]
-            return out
+    def mask(self, spec: Mapping[str, Any], structure: Structure, mask: np.ndarray | None, device: str):
+        """The bool mask :func:`attention` takes (None where ``is_causal`` carries the rule)."""
+        allowed_keys = None if structure.top_left_causal else allowed(spec, mask)
+        return None if allowed_keys is None else self.put(allowed_keys, "bool", device)
+
+    def prepare(self, case, spec, dtype, device):
+        params, structure = self.params(case, dtype, device), self.structure(spec, dtype, device)
+        forward = jitted(attention, "structure")
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-            mask = None if top_left else allowed(spec, inputs.get("mask"))
             args = [self.put(inputs[n], dtype, device) for n in ("query", "key", "value")]
-            out = forward(params, *args, None if mask is None else self.put(mask, "bool", device))
-            return {"output": self.fetch(out, dtype, device), "meta": {"implementation": impl}}
+            mask = self.mask(spec, structure, inputs.get("mask"), device)
+            out = forward(params, *args, mask, structure=structure)
+            return {
+                "output": self.fetch(out, dtype, device),
+                "meta": {"implementation": structure.implementation},
+            }
 
         return run
 
     def prepare_backward(self, case, spec, dtype, device):
-        """``jax.vjp`` of the same computation (written once more here as a pure function of the
-        weights and inputs) at ``grad_output``: weights in the golden [in, out] layout, query,
-        key and value as three arguments (a self-attention case's one array becomes three)."""
-        j = jax()
-        b, tq = spec["batch"], spec["q_len"]
-        h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
-        params = {n: self.put(a, dtype, device) for n, a in case.items() if n[:2] in ("w_", "b_")}
-        impl = self.implementation(dtype, device)
-        top_left = spec["causal"] and spec["q_len"] == spec["kv_len"] and spec.get("mask") is None
-
-        def forward(params, query, key, value, mask):
-            def project(x, short, heads, width):
-                y = x @ params[f"w_{short}"]
-                if f"b_{short}" in params:
-                    y = y + params[f"b_{short}"]
-                return y.reshape(b, -1, heads, width)
-
-            q, k, v = project(query, "q", h, hd), project(key, "k", hkv, hd), project(value, "v", hkv, hdv)
-            ctx = j.nn.dot_product_attention(
-                q, k, v, mask=mask, scale=spec["scale"], is_causal=top_left, implementation=impl
-            )
-            out = ctx.reshape(b, tq, h * hdv)
-            if spec["out_proj"]:
-                out = out @ params["w_o"]
-                if "b_o" in params:
-                    out = out + params["b_o"]
-            return out
-
-        @j.jit
-        def gradients(params, query, key, value, mask, grad_output):
-            _, vjp = j.vjp(lambda p, q, k, v: forward(p, q, k, v, mask), params, query, key, value)
-            return vjp(grad_output)
+        """``jax.vjp`` of :func:`attention` at ``grad_output``: weights in the golden [in, out]
+        layout, query, key and value as three arguments (a self-attention case's one array
+        becomes three)."""
+        params, structure = self.params(case, dtype, device), self.structure(spec, dtype, device)
+        gradients = jitted(attention_gradients, "structure")
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-            mask = None if top_left else allowed(spec, inputs.get("mask"))
             args = [self.put(inputs[n], dtype, device) for n in ("query", "key", "value", "grad_output")]
-            mask = None if mask is None else self.put(mask, "bool", device)
-            d_params, d_query, d_key, d_value = gradients(params, *args[:3], mask, args[3])
+            mask = self.mask(spec, structure, inputs.get("mask"), device)
+            d_params, d_query, d_key, d_value = gradients(
+                params, *args[:3], mask, args[3], structure=structure
+            )
             grads = {"grad_query": d_query, "grad_key": d_key, "grad_value": d_value}
             grads.update({f"grad_{n}": g for n, g in d_params.items()})
             result: dict[str, Any] = {n: self.fetch(g, dtype, device) for n, g in grads.items()}
-            result["meta"] = {"implementation": impl}
+            result["meta"] = {"implementation": structure.implementation}
             return result
 
         return run
+
+    def prepare_training(self, case, spec, dtype, device):
+        raise NotImplementedError(
+            "jax.nn.dot_product_attention has no dropout (no rate or rng argument): a training mode would be "
+            "dropout written around it, not this implementation's"
+        )
+
+    def bench(self, case, spec, dtype, device):
+        """The timed body (``impls/jax_bench.py``): :func:`attention` jitted as here."""
+        from impls.jax_bench import bench_sdpa
+
+        return bench_sdpa(self, case, spec, dtype, device)

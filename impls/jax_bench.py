@@ -1,0 +1,218 @@
+"""Timed bodies for the JAX adapters (``Adapter.bench``, contract in ``impls/bench.py``).
+
+Each body runs the very function the adapter's conformance path runs (``jax_sdpa.attention``,
+``flax_mha.flax_forward``) on weights and inputs built by the adapter's own methods and put on
+the device once. In setup, the function is ``jax.jit``-compiled with its static part bound
+(the same trace as the conformance path's, so the same executable and bitwise the same
+output) and called once; the timed closures only call the compiled function and keep a
+reference to what it returned, which ``sync`` blocks on (JAX dispatches asynchronously on
+every device, the CPU included). The backward is ``jax.vjp``'s pullback, jitted: the forward
+residuals are computed once in setup, each timed call runs only the backward pass (as
+``out.backward(retain_graph=True)`` does in the torch bodies).
+
+**Threads.** XLA:CPU sizes its intra-op (Eigen) thread pool once, when the CPU client starts,
+from the CPUs the process may run on (``sched_getaffinity``); no flag sets a count
+(``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` only forces one thread). So
+:func:`fix_cpu_threads` restricts the process to ``MHA_BENCH_THREADS`` CPUs and, if the client
+already started (``JaxAdapter.devices()`` starts it) and no JAX array is alive yet, makes it
+start again; asv runs each benchmark in a fresh process, where that always holds. From a
+shell, ``taskset -c 0-3 python ...`` fixes the same pool before JAX starts. ``meta["threads"]``
+records the pool size that results.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from impls.bench import Bench, bench_threads
+from impls.jax_common import JaxAdapter, allowed, jax
+
+
+def fix_cpu_threads(threads: int) -> tuple[int, str]:
+    """Make XLA:CPU's intra-op pool ``threads`` wide where this process can: ``(size, how)``.
+
+    The size is the number of CPUs the process may use when the CPU client (re)starts, which
+    is what XLA reads; fewer than asked when fewer are available to the process.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return os.cpu_count() or 1, "not fixable on this OS: XLA:CPU uses every core"
+    j = jax()
+    cpus = sorted(os.sched_getaffinity(0))
+    wanted = cpus[:threads]
+    if threads > len(cpus):
+        how = f"asked for {threads}; the process may use only {len(cpus)} CPUs (sched_getaffinity)"
+        return len(cpus), how
+    if threads == len(cpus):
+        return len(cpus), "every CPU the process may use (sched_getaffinity)"
+    if j.live_arrays():
+        return len(cpus), (
+            f"asked for {threads}, but JAX arrays were alive, so XLA:CPU could not restart with fewer "
+            "CPUs; run the benchmark in a fresh process (as asv does) or under taskset"
+        )
+    from jax.extend.backend import clear_backends
+
+    os.sched_setaffinity(0, wanted)
+    clear_backends()  # the CPU client starts again on first use, sized from the new affinity
+    return len(wanted), f"process pinned to CPUs {wanted[0]}-{wanted[-1]} before XLA:CPU started"
+
+
+def _apply(pullback, grad_output):
+    """Run a ``jax.vjp`` pullback (a pytree of the forward residuals) at ``grad_output``."""
+    return pullback(grad_output)
+
+
+def _first(out):
+    """The attention output of a forward result (Flax's sow path also returns the weights)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _timed(
+    adapter: JaxAdapter,
+    dtype: str,
+    device: str,
+    forward: Callable[[], Any],
+    pullback: Callable[[], tuple[Any, Any]],
+    meta: dict[str, str],
+) -> Bench:
+    """A Bench around a jitted ``forward()`` and a jitted ``pullback() -> (output, vjp)``,
+    both with their arguments already on the device; everything compiles here, in setup."""
+    j = jax()
+    pending: list[Any] = [None]  # the last result, which sync() waits for
+
+    def timed_forward():
+        pending[0] = forward()
+        return pending[0]
+
+    def sync() -> None:
+        j.block_until_ready(pending[0])
+
+    timed_forward()  # compiles in setup
+    sync()
+
+    def make_backward() -> Callable[[], Any]:
+        out, vjp = pullback()  # the forward and its residuals, once
+        rng = np.random.default_rng(0)
+        grad_output = adapter.put(rng.standard_normal(_first(out).shape), dtype, device)
+        apply = j.jit(_apply)
+
+        def backward():
+            pending[0] = apply(vjp, grad_output)
+            return pending[0]
+
+        backward()  # compiles in setup
+        sync()
+        return backward
+
+    def matmul(n: int) -> Callable[[], Any]:
+        rng = np.random.default_rng(1)
+        a, b = (adapter.put(rng.standard_normal((n, n)), dtype, device) for _ in range(2))
+        product = j.jit(j.numpy.matmul)
+
+        def run():
+            pending[0] = product(a, b)
+            return pending[0]
+
+        run()  # compiles in setup
+        sync()
+        return run
+
+    return Bench(
+        forward=timed_forward,
+        sync=sync,
+        to_numpy=lambda out: adapter.fetch(_first(out), dtype, device),
+        make_backward=make_backward,
+        matmul=matmul,
+        meta=meta,
+    )
+
+
+def _setup(adapter: JaxAdapter, spec: Mapping[str, Any], dtype: str, device: str) -> dict[str, str]:
+    """Refuse what the adapter refuses, fix the threads, and the meta every body records."""
+    reason = adapter.device_unavailable(device) or adapter.supports(spec, dtype, device)
+    if dtype not in adapter.dtypes:
+        reason = f"{adapter.name} does not support {dtype}"
+    if reason:
+        raise NotImplementedError(reason)
+    threads, how = fix_cpu_threads(bench_threads())
+    return {
+        "threads": str(threads),
+        "threads_how": how,
+        **adapter.versions(),
+        "device": adapter.device(device).device_kind,
+        "device_name": adapter.device_name(device),
+    }
+
+
+def _runtime(
+    adapter: JaxAdapter, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str
+):
+    """query, key and value on the device (self-attention: one array, passed three times)."""
+    query = adapter.put(case["query"], dtype, device)
+    if spec["self_attention"]:
+        return query, query, query
+    return query, adapter.put(case["key"], dtype, device), adapter.put(case["value"], dtype, device)
+
+
+def bench_sdpa(
+    adapter: JaxAdapter, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str
+) -> Bench:
+    """``jax-sdpa``: ``jax_sdpa.attention`` jitted with its ``Structure``, weights as arguments."""
+    from impls.jax_sdpa import attention, attention_vjp
+
+    meta = _setup(adapter, spec, dtype, device)
+    j = jax()
+    structure = adapter.structure(spec, dtype, device)
+    params = adapter.params(case, dtype, device)
+    q, k, v = _runtime(adapter, case, spec, dtype, device)
+    mask = adapter.mask(spec, structure, case.get("mask"), device)
+    forward = j.jit(partial(attention, structure=structure))
+    pullback = j.jit(partial(attention_vjp, structure=structure))
+    meta.update(
+        implementation=structure.implementation,
+        jitted="forward: jax.jit(jax_sdpa.attention), weights as arguments, compiled in setup; backward: "
+        "jax.jit of jax.vjp's pullback on forward residuals computed in setup",
+    )
+    return _timed(
+        adapter, dtype, device,
+        forward=lambda: forward(params, q, k, v, mask),
+        pullback=lambda: pullback(params, q, k, v, mask),
+        meta=meta,
+    )  # fmt: skip
+
+
+def bench_flax(
+    adapter: JaxAdapter, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str
+) -> Bench:
+    """``flax-mha`` / ``flax-mha-weights``: ``flax_mha.flax_forward`` (``nnx.merge`` and the
+    module's call) jitted over the split module state, the graph bound statically."""
+    from flax import nnx
+
+    from impls.flax_mha import flax_forward, flax_vjp
+
+    meta = _setup(adapter, spec, dtype, device)
+    j = jax()
+    graphdef, state = adapter.split(case, spec, dtype, device)
+    params, rest = nnx.split_state(state, nnx.Param, ...)
+    q, k, v = _runtime(adapter, case, spec, dtype, device)
+    allowed_keys = allowed(spec, case.get("mask"))
+    mask = None if allowed_keys is None else adapter.put(allowed_keys, "bool", device)
+    sow = adapter.sow_weights
+    forward = j.jit(partial(flax_forward, graphdef=graphdef, sow=sow))
+    pullback = j.jit(partial(flax_vjp, graphdef=graphdef, sow=sow))
+    meta.update(
+        jitted="forward: jax.jit(nnx.merge + MultiHeadAttention.__call__) over the split state"
+        + (", sown weights returned" if sow else "")
+        + ", compiled in setup; backward: jax.jit of jax.vjp's pullback (nnx.Param state and inputs) "
+        "on forward residuals computed in setup",
+    )
+    return _timed(
+        adapter, dtype, device,
+        forward=lambda: forward(state, q, k, v, mask),
+        pullback=lambda: pullback(params, rest, q, k, v, mask),
+        meta=meta,
+    )  # fmt: skip
