@@ -140,7 +140,7 @@ def speed(session: nox.Session, backend: str) -> None:
     pytest-benchmark, failing when a median is 10% slower than the previous saved run on the same
     machine and device (``-- --device cuda``, ``-- --adapter GLOB`` as for the benchmarks)."""
     args = backend_env(session, backend, "test,bench")
-    session.run("python", "benchmarks/regression/run.py", *args)
+    session.run("python", "benchmarks/regression/run.py", "--backend", backend, *args)
 
 
 @nox.session

@@ -3,8 +3,8 @@
 Each body runs the very function the adapter's conformance path runs (``jax_sdpa.attention``,
 ``flax_mha.flax_forward``) on weights and inputs built by the adapter's own methods and put on
 the device once. In setup, the function is ``jax.jit``-compiled with its static part bound
-(the same trace as the conformance path's, so the same executable and bitwise the same
-output) and called once; the timed closures only call the compiled function and keep a
+(the same function and static arguments as the conformance path's, compiled once more
+here: the same program, so bitwise the same output) and called once; the timed closures only call the compiled function and keep a
 reference to what it returned, which ``sync`` blocks on (JAX dispatches asynchronously on
 every device, the CPU included). The backward is ``jax.vjp``'s pullback, jitted: the forward
 residuals are computed once in setup, each timed call runs only the backward pass (as
@@ -58,7 +58,9 @@ def fix_cpu_threads(threads: int) -> tuple[int, str]:
 
     os.sched_setaffinity(0, wanted)
     clear_backends()  # the CPU client starts again on first use, sized from the new affinity
-    return len(wanted), f"process pinned to CPUs {wanted[0]}-{wanted[-1]} before XLA:CPU started"
+    # The calling thread's affinity: XLA:CPU sizes and starts its pool from this thread, and
+    # asv's fresh process runs nothing else (threads started later inherit it).
+    return len(wanted), f"pinned to CPUs {wanted[0]}-{wanted[-1]} before XLA:CPU started"
 
 
 def _apply(pullback, grad_output):

@@ -193,9 +193,10 @@ def _jax(built: Built) -> Bench:
     adapter, layer = built.adapter, built.layer
     if built.device == "cpu" and built.dtype == "float16" and not adapter.return_scores:
         raise NotImplementedError(
-            "XLA:CPU has no float16 x float16 -> float32 dot_general ('F16_F16_F32' is not supported by "
-            "dot_general on CPU): under jax.jit the fused path's jax.nn.dot_product_attention fails to compile, "
-            "and Keras's fallback to its own attention catches errors only while tracing, not at compile time"
+            f"{adapter.name}: float16 on CPU: XLA:CPU has no float16 x float16 -> float32 dot_general "
+            "('F16_F16_F32' is not supported by dot_general on CPU): under jax.jit the fused path's "
+            "jax.nn.dot_product_attention fails to compile, and Keras's fallback to its own attention catches "
+            "errors only while tracing, not at compile time; time float16 on a GPU, or keras-mha-scores-jax"
         )
     target = jax.devices("cpu")[0] if built.device == "cpu" else adapter._gpu()
     # Committed to the device: a jitted call runs there whatever the default device is then.

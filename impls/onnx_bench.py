@@ -67,12 +67,13 @@ def bench(adapter, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtyp
     session.run(feeds, ["output"])  # profiled once: proves where the attention kernel ran
     shape = (spec["batch"], spec["q_len"], spec["d_out"])
     forward, sync, to_numpy = timed_run(session.session, feeds, "output", shape, dtype, device)
+    options = session.session.get_session_options()  # what the session runs with, not what was asked
     meta = {
         **session.meta,
         **about,
-        "threads": str(threads),
-        "inter_op_threads": "1",
-        "execution_mode": "sequential",
+        "threads": str(options.intra_op_num_threads),
+        "inter_op_threads": str(options.inter_op_num_threads),
+        "execution_mode": str(options.execution_mode).rpartition(".")[2].lower(),
         "io": "io_binding, device OrtValues" if device == "cuda" else "session.run on host arrays",
         "onnxruntime": ort_version(),
     }

@@ -182,7 +182,8 @@ class OnnxContribMHA(OnnxRuntimeAdapter):
         first step with an empty past."""
         if spec["v_head_dim"] != spec["head_dim"]:
             raise NotImplementedError(
-                "com.microsoft.MultiHeadAttention's past_value must have head_size = the key's head_size"
+                f"{self.name}: case {spec['id']}: com.microsoft.MultiHeadAttention's past_value must have the "
+                f"key's head size ({spec['head_dim']}), not {spec['v_head_dim']}; onnx-attention decodes it"
             )
         what = f"{self.name}: case {spec['id']} in {dtype}, decoding"
         session = Session(contrib_decoder_model(case, spec, dtype), device, self.kernel, what)

@@ -82,7 +82,7 @@ def _mha_fastpath(adapter, case, spec, dtype, device) -> Built:
 
 def _sdpa(adapter, case, spec, dtype, device) -> Built:
     t = torch()
-    mask = case.get("mask")
+    masks = adapter.masks(spec, case.get("mask"), device)  # on the device once, in setup
 
     def weights(grad: bool) -> dict[str, Any]:
         return {
@@ -92,7 +92,7 @@ def _sdpa(adapter, case, spec, dtype, device) -> Built:
         }
 
     def run(params, q, k, v):
-        return adapter.attend(params, q, k, v, mask, spec, device)
+        return adapter.attend(params, q, k, v, masks, spec)
 
     params, (q, k, v) = weights(False), _inputs(spec, case, dtype, device, grad=False)
 

@@ -92,7 +92,8 @@ class TorchSDPA(TorchAdapter):
 
         def attend(inputs: Mapping[str, np.ndarray]):
             q, k, v = (to_torch(inputs[n], dtype, device) for n in ("query", "key", "value"))
-            return self.attend(params, q, k, v, inputs.get("mask"), spec, device, dropout_p=dropout_p)
+            masks = self.masks(spec, inputs.get("mask"), device)
+            return self.attend(params, q, k, v, masks, spec, dropout_p=dropout_p)
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             with t.no_grad():
@@ -110,14 +111,19 @@ class TorchSDPA(TorchAdapter):
         training mode: the caller passes dropout_p while training and 0 in eval)."""
         return self.prepare(case, spec, dtype, device, dropout_p=spec["dropout"])
 
-    def attend(
-        self, params, query, key, value, mask: np.ndarray | None, spec: Mapping[str, Any], device: str,
-        dropout_p: float = 0.0,
-    ):  # fmt: skip
-        """The attention on tensors: projections, SDPA, output projection. :meth:`prepare`,
-        :meth:`prepare_backward` and the timed body (``impls/torch_bench.py``) all run this."""
+    def masks(self, spec: Mapping[str, Any], mask: np.ndarray | None, device: str):
+        """SDPA's mask arguments ``(attn_mask, is_causal)``: ``is_causal`` only where its top-left
+        alignment is right (Tq == Tk, no other mask), else the bottom-right rule and the case's
+        mask as one bool tensor on ``device`` (built once per call; once in setup when timed)."""
+        top_left_causal = spec["causal"] and spec["q_len"] == spec["kv_len"] and mask is None
+        return (None if top_left_causal else allowed_mask(spec, mask, device)), top_left_causal
+
+    def attend(self, params, query, key, value, masks, spec: Mapping[str, Any], dropout_p: float = 0.0):
+        """The attention on tensors: projections, SDPA (``masks`` from :meth:`masks`), output
+        projection. :meth:`prepare`, :meth:`prepare_backward` and the timed body
+        (``impls/torch_bench.py``) all run this."""
         f = torch().nn.functional
-        b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
+        b, tq = spec["batch"], spec["q_len"]
         h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
 
         def project(x, short: str, heads: int, width: int):
@@ -127,8 +133,7 @@ class TorchSDPA(TorchAdapter):
             return y.view(b, -1, heads, width).transpose(1, 2)
 
         q, k, v = project(query, "q", h, hd), project(key, "k", hkv, hd), project(value, "v", hkv, hdv)
-        top_left_causal = spec["causal"] and tq == tk and mask is None
-        allowed = None if top_left_causal else allowed_mask(spec, mask, device)
+        allowed, top_left_causal = masks
         ctx = f.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=top_left_causal, scale=spec["scale"],
             enable_gqa=hkv != h,
@@ -149,9 +154,8 @@ class TorchSDPA(TorchAdapter):
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             leaves = {n: to_torch(case[n], dtype, device, requires_grad=True) for n in names}
             leaves.update(input_leaves(inputs, dtype, device))
-            out = self.attend(
-                leaves, leaves["query"], leaves["key"], leaves["value"], inputs.get("mask"), spec, device
-            )
+            masks = self.masks(spec, inputs.get("mask"), device)
+            out = self.attend(leaves, leaves["query"], leaves["key"], leaves["value"], masks, spec)
             out.backward(to_torch(inputs["grad_output"], dtype, device))
             return {f"grad_{n}": to_numpy(leaf.grad, dtype, device) for n, leaf in leaves.items()}
 

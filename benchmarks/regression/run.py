@@ -1,9 +1,11 @@
-"""Run the regression gate: ``python benchmarks/regression/run.py [--device D] [--adapter GLOB]``.
+"""Run the regression gate: ``python benchmarks/regression/run.py [--device D] [--adapter GLOB]
+[--backend NAME]``.
 
-Saves each run under ``.benchmarks/<host>-<device>/`` (pytest-benchmark's storage, one per
-machine and device so a CPU run is never compared with a GPU one) and fails when a median is
-more than 10% slower than the previous saved run there. The first run only saves. Other
-arguments reach pytest (e.g. ``-k sdpa``).
+Saves each run under ``.benchmarks/<host>-<device>[-<backend>]/`` (pytest-benchmark's storage,
+one per machine, device and nox backend, so a CPU run is never compared with a GPU one, nor
+one backend's adapters with another's) and fails when a median is more than 10% slower than
+the previous saved run there. The first run only saves. Other arguments reach pytest (e.g.
+``-k t128``: a partial run is compared on the benchmarks it shares with the previous one).
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/regression/run.py", description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--adapter", action="append", default=[])
-    parser.add_argument("--storage", type=Path, help="saved runs (default .benchmarks/<host>-<device>/)")
+    parser.add_argument("--backend", default="", help="the nox backend: its runs are saved apart")
+    parser.add_argument(
+        "--storage", type=Path, help="saved runs (default .benchmarks/<host>-<device>[-<backend>]/)"
+    )
     args, rest = parser.parse_known_args(argv)
-    storage = (args.storage or ROOT / ".benchmarks" / f"{platform.node() or 'host'}-{args.device}").resolve()
+    # pytest-benchmark compares with the newest saved run and silently skips benchmarks that run
+    # lacks, so each backend (each set of adapters) keeps its own history.
+    folder = "-".join(filter(None, (platform.node() or "host", args.device, args.backend)))
+    storage = (args.storage or ROOT / ".benchmarks" / folder).resolve()
     os.environ["MHA_BENCH_DEVICE"] = args.device
     if args.adapter:
         os.environ["MHA_SPEED_ADAPTERS"] = ",".join(args.adapter)
