@@ -93,24 +93,44 @@ def decoder_model(case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype
     and value appended, P + 1 long) out. The same projections as :func:`attention_model`; the
     op's bottom-right causal rule puts the lone query at offset P, so it attends every cached
     key and its own."""
-    b, h, hkv = spec["batch"], spec["num_heads"], spec["num_kv_heads"]
-    hd, hdv = spec["head_dim"], spec["v_head_dim"]
+    attrs: dict[str, Any] = {
+        "q_num_heads": spec["num_heads"],
+        "kv_num_heads": spec["num_kv_heads"],
+        "is_causal": 1,
+    }
+    if spec["scale"] is not None:
+        attrs["scale"] = float(spec["scale"])
+
+    def attend(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str) -> list[str]:
+        return g.node("Attention", [q, k, v, "", past_k, past_v], n_out=3, **attrs)
+
+    return step_model(case, spec, dtype, attend, {"": OPSET})
+
+
+def step_model(
+    case: Mapping[str, np.ndarray],
+    spec: Mapping[str, Any],
+    dtype: str,
+    attend: Callable[..., list[str]],
+    opsets: dict[str, int],
+) -> Any:
+    """The graph of one decoding step around ``attend(g, q, k, v, past_key, past_value)``, which
+    adds the attention node and returns its (output, present_key, present_value): the token's
+    projections in, the output projection and the presents [B, Hkv, P + 1, hd] out."""
+    b, hkv = spec["batch"], spec["num_kv_heads"]
     g = Graph(dtype)
     q, k, v = (g.linear(g.input(n, case[n][:, :1]), case, n[0]) for n in ("query", "key", "value"))
     past_k, past_v = (
         g.input(name, empty, shape=[b, hkv, "past", empty.shape[-1]])
         for name, empty in empty_cache(spec).items()
     )
-    attrs: dict[str, Any] = {"q_num_heads": h, "kv_num_heads": hkv, "is_causal": 1}
-    if spec["scale"] is not None:
-        attrs["scale"] = float(spec["scale"])
-    y, present_k, present_v = g.node("Attention", [q, k, v, "", past_k, past_v], n_out=3, **attrs)
+    y, present_k, present_v = attend(g, q, k, v, past_k, past_v)
     if spec["out_proj"]:
         y = g.linear(y, case, "o")
     g.output(y, "output", [b, 1, spec["d_out"]])
-    g.output(present_k, "present_key", [b, hkv, "total", hd])
-    g.output(present_v, "present_value", [b, hkv, "total", hdv])
-    return g.model({"": OPSET})
+    g.output(present_k, "present_key", [b, hkv, "total", spec["head_dim"]])
+    g.output(present_v, "present_value", [b, hkv, "total", spec["v_head_dim"]])
+    return g.model(opsets)
 
 
 def empty_cache(spec: Mapping[str, Any]) -> dict[str, np.ndarray]:

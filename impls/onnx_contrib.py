@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from impls.adapter import POISON_LEAKS
-from impls.onnx_attention import cache_streams, empty_cache
+from impls.onnx_attention import cache_streams, step_model
 from impls.onnx_common import (
     DEFAULT_OPSET,
     MS_DOMAIN,
@@ -85,25 +85,15 @@ def contrib_decoder_model(case: Mapping[str, np.ndarray], spec: Mapping[str, Any
     holds finished keys and values, so the biases are added before the op, as for Tq < Tk),
     ``past_key``/``past_value`` [B, H, P, hd] in, ``present_key``/``present_value`` out;
     ``unidirectional`` aligns the lone query at the past length, so it sees every key."""
-    b, h, hd = spec["batch"], spec["num_heads"], spec["head_dim"]
-    g = Graph(dtype)
-    q, k, v = (g.linear(g.input(n, case[n][:, :1]), case, n[0]) for n in ("query", "key", "value"))
-    past_k, past_v = (
-        g.input(name, empty, shape=[b, h, "past", empty.shape[-1]])
-        for name, empty in empty_cache(spec).items()
-    )
-    attrs: dict[str, Any] = {"num_heads": h, "unidirectional": 1}
+    attrs: dict[str, Any] = {"num_heads": spec["num_heads"], "unidirectional": 1}  # no GQA: supports()
     if spec["scale"] is not None:
         attrs["scale"] = float(spec["scale"])
-    y, present_k, present_v = g.node(
-        "MultiHeadAttention", [q, k, v, "", "", "", past_k, past_v], n_out=3, domain=MS_DOMAIN, **attrs
-    )
-    if spec["out_proj"]:
-        y = g.linear(y, case, "o")
-    g.output(y, "output", [b, 1, spec["d_out"]])
-    g.output(present_k, "present_key", [b, h, "total", hd])
-    g.output(present_v, "present_value", [b, h, "total", spec["v_head_dim"]])
-    return g.model({"": DEFAULT_OPSET, MS_DOMAIN: 1})
+
+    def attend(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str) -> list[str]:
+        inputs = [q, k, v, "", "", "", past_k, past_v]
+        return g.node("MultiHeadAttention", inputs, n_out=3, domain=MS_DOMAIN, **attrs)
+
+    return step_model(case, spec, dtype, attend, {"": DEFAULT_OPSET, MS_DOMAIN: 1})
 
 
 def mask_inputs(g: Graph, mask: str, shape: tuple[int, ...], spec: Mapping[str, Any]) -> tuple[str, str]:
