@@ -29,7 +29,7 @@ import numpy as np
 from conformance import registry
 from conformance.tolerance import DEFAULT_K, judge
 from impls import reference
-from impls.bench import Bench, bench_threads
+from impls.bench import Bench, bench_threads, refusal
 from vectors.catalogue import spec as catalogue_spec
 from vectors.generate import build_inputs
 
@@ -134,16 +134,6 @@ def plan_skip(shape: str, dtype: str, causal: bool, dev: str) -> str | None:
         kind = "causal (a decoder)" if CPU_CAUSALITY[preset] else "without a mask (the encoder)"
         return f"on CPU the {preset} preset runs {kind} only; the crossed pairing duplicates the other preset"
     return None
-
-
-def adapter_skip(adapter, spec: dict[str, Any], dtype: str, dev: str) -> str | None:
-    """Why ``adapter`` cannot run this configuration here (framework, device, dtype, spec)."""
-    return (
-        adapter.missing()
-        or adapter.device_unavailable(dev)
-        or (None if dtype in adapter.dtypes else f"{adapter.name} does not support {dtype}")
-        or adapter.supports(spec, dtype, dev)
-    )
 
 
 def gate(bench: Bench, inputs: dict[str, np.ndarray], spec: dict[str, Any], dtype: str, label: str) -> float:
@@ -280,7 +270,7 @@ def configuration(adapter_name: str, shape: str, dtype: str, causal: bool, dev: 
     known = cached_config(key)
     spec = config_spec(shape, causal)
     adapter = registry.builtin(adapter_name)
-    reason = plan_skip(shape, dtype, causal, dev) or adapter_skip(adapter, spec, dtype, dev)
+    reason = plan_skip(shape, dtype, causal, dev) or refusal(adapter, spec, dtype, dev)
     if reason:
         update_run_cache("configs", key, {"status": "skip", "reason": f"{label}: {reason}"})
         raise NotImplementedError(f"{label}: {reason}")

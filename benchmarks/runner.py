@@ -56,7 +56,7 @@ def plan(device: str, patterns: list[str], dtypes: list[str] | None = None) -> d
     ``patterns`` and ``dtypes`` (default :func:`default_dtypes`)."""
     from conformance import registry
     from impls.adapter import Adapter, cpu_name
-    from impls.bench import bench_threads
+    from impls.bench import bench_threads, refusal
 
     adapters = [registry.builtin(n) for n in common.ADAPTERS if any(fnmatchcase(n, p) for p in patterns)]
     runnable = [a for a in adapters if not a.missing()]
@@ -66,7 +66,7 @@ def plan(device: str, patterns: list[str], dtypes: list[str] | None = None) -> d
     dtypes = dtypes or default_dtypes(device)
     for a, shape, dtype, causal in itertools.product(runnable, common.SHAPES, dtypes, common.CAUSAL):
         spec = common.config_spec(shape, causal)
-        reason = common.plan_skip(shape, dtype, causal, device) or common.adapter_skip(a, spec, dtype, device)
+        reason = common.plan_skip(shape, dtype, causal, device) or refusal(a, spec, dtype, device)
         if reason:
             skipped[f"{a.name}: {reason}" if "on CPU" not in reason else reason] += 1
         else:

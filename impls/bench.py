@@ -72,3 +72,14 @@ def bench_threads() -> int:
     if threads < 1:
         raise ValueError(f"{THREADS_ENV}={raw!r}: use at least 1 thread")
     return threads
+
+
+def refusal(adapter, spec: dict[str, Any], dtype: str, device: str) -> str | None:
+    """Why ``adapter`` cannot time this configuration here (framework, device, dtype, spec), else
+    None: the benchmarks' plan and every timed body refuse by this one rule."""
+    return (
+        adapter.missing()
+        or adapter.device_unavailable(device)
+        or (None if dtype in adapter.dtypes else f"{adapter.name} does not support {dtype}")
+        or adapter.supports(spec, dtype, device)
+    )

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from impls.bench import Bench, bench_threads
+from impls.bench import Bench, bench_threads, refusal
 from impls.jax_common import JaxAdapter, allowed, jax
 
 
@@ -135,9 +135,7 @@ def _timed(
 
 def _setup(adapter: JaxAdapter, spec: Mapping[str, Any], dtype: str, device: str) -> dict[str, str]:
     """Refuse what the adapter refuses, fix the threads, and the meta every body records."""
-    reason = adapter.device_unavailable(device) or adapter.supports(spec, dtype, device)
-    if dtype not in adapter.dtypes:
-        reason = f"{adapter.name} does not support {dtype}"
+    reason = refusal(adapter, spec, dtype, device)
     if reason:
         raise NotImplementedError(reason)
     threads, how = fix_cpu_threads(bench_threads())

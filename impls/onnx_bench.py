@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from impls.bench import Bench, bench_threads
+from impls.bench import Bench, bench_threads, refusal
 from impls.onnx_common import (
     DEFAULT_OPSET,
     Session,
@@ -50,12 +50,7 @@ Timed = tuple[Callable[[], Any], Callable[[], None], Callable[[Any], np.ndarray]
 
 def bench(adapter, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str) -> Bench:
     """The timed closures of an onnxruntime adapter on ``device`` (see ``impls/bench.py``)."""
-    reason = (
-        adapter.missing()
-        or adapter.device_unavailable(device)
-        or (None if dtype in adapter.dtypes else f"{adapter.name} does not support {dtype}")
-        or adapter.supports(spec, dtype, device)
-    )
+    reason = refusal(adapter, spec, dtype, device)
     if reason:
         raise NotImplementedError(reason)
     threads = bench_threads()
