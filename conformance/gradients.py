@@ -17,9 +17,8 @@ from conformance.harness import (
     InProcess,
     Isolated,
     judge_golden,
-    load,
+    load_supported,
     reproduce_line,
-    unsupported,
 )
 from conformance.tolerance import DEFAULT_K
 from impls.adapter import Adapter
@@ -54,10 +53,7 @@ def check_gradients(
     bias the adapter made up) fails, since no caller could map it to anything.
     """
     record = record if record is not None else CheckRecord()
-    case = load(case_id, root)
-    reason = unsupported(adapter, case, dtype, device)
-    if reason:
-        pytest.skip(reason)
+    case = load_supported(adapter, case_id, dtype, device, root)
     ex = (runner or InProcess()).execute(adapter, case, dtype, device, "backward")
     if ex.status == "skip":
         pytest.skip(ex.message)

@@ -204,6 +204,18 @@ class Isolated:
         return self.worker.execute(ref, case, dtype, device, op, inputs)
 
 
+def load_supported(
+    adapter: Adapter, case_id: str, dtype: str, device: str, root: Path = golden.VECTORS_DIR
+) -> golden.GoldenCase:
+    """The golden case, or a skip with the reason ``adapter`` cannot run it here: every check's
+    first step."""
+    case = load(case_id, root)
+    reason = unsupported(adapter, case, dtype, device)
+    if reason:
+        pytest.skip(reason)
+    return case
+
+
 def judge_golden(actual: Any, case: golden.GoldenCase, name: str, dtype: str, k: float) -> Verdict:
     """``actual`` against the case's golden tensor ``name``, with the case's baseline for ``dtype``
     and its error scale: the one rule (``conformance/tolerance.py``) every check applies."""
@@ -225,10 +237,7 @@ def check_golden(
 ) -> CheckRecord:
     """Run ``adapter`` on a golden case and judge ``output`` (and ``attn_weights`` if returned)."""
     record = record if record is not None else CheckRecord()
-    case = load(case_id, root)
-    reason = unsupported(adapter, case, dtype, device)
-    if reason:
-        pytest.skip(reason)
+    case = load_supported(adapter, case_id, dtype, device, root)
     ex = (runner or InProcess()).execute(adapter, case, dtype, device)
     if ex.status == "skip":
         pytest.skip(ex.message)

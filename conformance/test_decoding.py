@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conformance.harness import CheckRecord, judge_golden, load, reproduce_line, unsupported
+from conformance.harness import CheckRecord, judge_golden, load_supported, reproduce_line
 
 CHECK = "decoding"
 
@@ -21,10 +21,7 @@ def select(spec: dict) -> bool:
 def test_decoding(target, suite, request):
     record = request.node.mha_record = CheckRecord()
     adapter = suite.by_name[target.adapter]
-    case = load(target.case, suite.vectors)
-    reason = unsupported(adapter, case, target.dtype, target.device)
-    if reason:
-        pytest.skip(reason)
+    case = load_supported(adapter, target.case, target.dtype, target.device, suite.vectors)
     ex = suite.runner.execute(adapter, case, target.dtype, target.device, "decode")
     if ex.status == "skip":
         pytest.skip(ex.message)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conformance.harness import CheckRecord, cast_inputs, load, reproduce_line, unsupported
+from conformance.harness import CheckRecord, cast_inputs, load_supported, reproduce_line
 from conformance.properties import PROPERTIES, never_attended_keys
 from conformance.tolerance import judge
 from impls.adapter import RUNTIME_INPUTS
@@ -16,10 +16,7 @@ CHECKS = {name: select for name, (select, _) in PROPERTIES.items()}
 def test_property(target, suite, request):
     record = request.node.mha_record = CheckRecord()
     adapter = suite.by_name[target.adapter]
-    case = load(target.case, suite.vectors)
-    reason = unsupported(adapter, case, target.dtype, target.device)
-    if reason:
-        pytest.skip(reason)
+    case = load_supported(adapter, target.case, target.dtype, target.device, suite.vectors)
     if target.check.startswith("masked-poison") and never_attended_keys(case) is None:
         pytest.skip(f"case {case.id} hides no key from every query")
     inputs = {n: a for n, a in cast_inputs(case, target.dtype).items() if n in RUNTIME_INPUTS}
