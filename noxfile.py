@@ -1,5 +1,5 @@
-"""Every task has a session here: ``nox -s conformance``, ``nox -s tests``, ``nox -s vectors``,
-``nox -s lint``.
+"""Every task has a session here: ``nox -s conformance``, ``nox -s tests``, ``nox -s portability``,
+``nox -s vectors``, ``nox -s lint``.
 
 Sessions use stdlib venv + pip: this machine's pip finds the local CPU build of torch, which
 uv does not. ``constraints.txt`` pins torch to that build; point ``MHA_CONSTRAINTS`` at
@@ -91,6 +91,16 @@ def conformance(session: nox.Session, backend: str) -> None:
     args = backend_env(session, backend, "test")
     session.run("python", "-m", "pytest", "conformance", "-p", "no:cacheprovider", "-rfE",
                 "--history", HISTORY, *args)  # fmt: skip
+
+
+@nox.session
+@nox.parametrize("backend", ["torch", "tensorflow"])
+def portability(session: nox.Session, backend: str) -> None:
+    """Identical verdicts for one backend under other thread counts, kernel libraries and
+    instruction sets (``conformance/portability.py``; docs/tolerance.md). Arguments after ``--``
+    reach pytest."""
+    backend_env(session, backend, "test")
+    session.run("python", "-m", "conformance.portability", "--backend", backend, *session.posargs)
 
 
 @nox.session

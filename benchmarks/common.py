@@ -28,10 +28,10 @@ import numpy as np
 
 from conformance import registry
 from conformance.tolerance import DEFAULT_K, judge
-from impls import reference
+from impls import error_model, reference
 from impls.bench import Bench, bench_threads, refusal
 from vectors.catalogue import spec as catalogue_spec
-from vectors.generate import build_inputs
+from vectors.generate import build_inputs, ensemble_errors
 
 DEVICE_ENV = "MHA_BENCH_DEVICE"
 #: JSON file shared by the processes of one run (the nox session gives each run a fresh one).
@@ -140,7 +140,7 @@ def gate(bench: Bench, inputs: dict[str, np.ndarray], spec: dict[str, Any], dtyp
     """Check the configuration against the float64 reference before anything is timed.
 
     The tolerance is the suite's rule (``conformance/tolerance.py``) with the baseline of
-    the reference run in the benchmark's dtype (float32 for float32). To stay cheap at long
+    the ensemble of valid algorithms emulated in the benchmark's dtype. To stay cheap at long
     sequences only the first and last ``GATE_ROWS // 2`` queries of batch row 0 are
     recomputed: the causal rule becomes an explicit mask for those rows, so every key they
     may see is still checked. Returns the error ratio; raises :class:`WrongResult`.
@@ -154,8 +154,7 @@ def gate(bench: Bench, inputs: dict[str, np.ndarray], spec: dict[str, Any], dtyp
     if spec["causal"]:
         tensors["mask"] = (np.arange(tk)[None, :] <= rows[:, None] + (tk - tq))[None, None]
     truth = reference.forward(tensors, sub)
-    emulated = reference.forward(tensors, sub, reference.PRECISIONS[dtype])
-    baseline = float(np.max(np.abs(emulated.output - truth.output)))
+    baseline = ensemble_errors(tensors, sub, dtype, {"output": truth.output})[0]["output"]
     actual = bench.to_numpy(bench.forward())
     bench.sync()
     if getattr(actual, "shape", None) != (spec["batch"], tq, spec["d_out"]):
@@ -163,7 +162,7 @@ def gate(bench: Bench, inputs: dict[str, np.ndarray], spec: dict[str, Any], dtyp
                           f"{(spec['batch'], tq, spec['d_out'])}; no timing is posted")  # fmt: skip
     verdict = judge(
         actual[:1, rows], truth.output, tensor="output", dtype=dtype, baseline=baseline,
-        error_scale=reference.error_scales(tensors, sub)["output"], k=DEFAULT_K,
+        error_scale=error_model.case_error_scales(tensors, sub, None, [])["output"], k=DEFAULT_K,
     )  # fmt: skip
     if not verdict.passed:
         raise WrongResult(

@@ -16,6 +16,7 @@ import pytest
 
 from conformance import registry, report
 from conformance.harness import InProcess, Isolated
+from conformance.properties import ADVISORY
 from conformance.tolerance import DEFAULT_K
 from conformance.worker import STARTUP_TIMEOUT, Worker
 from impls.adapter import ALL_DTYPES, Adapter
@@ -110,6 +111,8 @@ class Suite:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.k = config.getoption("--k-factor")
+        # pytest's own --strict (strict mode) also turns the advisory probes' findings into failures.
+        self.strict = bool(config.getoption("strict", False))
         self.started = datetime.now(timezone.utc)
         self.records: dict[str, report.TestRecord] = {}
         self.not_installed: list[str] = []
@@ -169,7 +172,9 @@ class Suite:
                     listed = [d for d in case.spec["dtypes"] if d in adapter.dtypes]
                     for dtype in chosen or [d for d in listed if dtypes is None or d in dtypes]:
                         p = Target(check, adapter.name, device, dtype, case.id)
-                        reason = adapter.divergence(check, case.id, dtype, device)
+                        # An advisory probe reports a finding rather than failing: nothing to declare.
+                        advisory = check in ADVISORY and not self.strict
+                        reason = None if advisory else adapter.divergence(check, case.id, dtype, device)
                         marks = (
                             [pytest.mark.xfail(reason=f"declared divergence: {reason}", strict=False)]
                             if reason
@@ -241,6 +246,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         rec.outcome = "skipped"
         rec.reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         rec.reason = rec.reason.removeprefix("Skipped: ")
+    elif rep.passed and getattr(item, "mha_finding", None):
+        rec.outcome = "finding"
+        rec.reason = item.mha_finding
     else:
         rec.outcome = rep.outcome
         if rep.failed:
@@ -264,6 +272,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         tr.write_line("Declared divergences that did NOT occur (update the adapter's divergences):")
         for r in xpassed:
             tr.write_line(f"  {r.nodeid}: {r.reason}")
+    findings = [r for r in records if r.outcome == "finding"]
+    if findings:
+        tr.write_line("")
+        tr.write_line(
+            f"Advisory findings ({len(findings)}; robustness probes a conforming implementation may fail, "
+            "shown in the report; --strict makes them failures):"
+        )
+        by_check: dict[tuple[str, str], int] = {}
+        for r in findings:
+            by_check[(r.adapter, r.check)] = by_check.get((r.adapter, r.check), 0) + 1
+        for (adapter, check), n in sorted(by_check.items()):
+            tr.write_line(f"  {adapter}: {check} ({n} tests): {ADVISORY.get(check, '')[:100]}...")
     if suite.not_installed:
         tr.write_line("")
         tr.write_line("Not run (framework not installed): " + "; ".join(suite.not_installed))

@@ -80,7 +80,7 @@ def matrix_table(rows: list[dict[str, Any]], k: float) -> str:
                                               f"worst ratio (pass &le; {k:g})", "run"))  # fmt: skip
     body = []
     for r in rows:
-        kind = "bad" if r["failed"] or r["error"] else ("warn" if r["xpassed"] else "")
+        kind = "bad" if r["failed"] or r["error"] else ("warn" if r["xpassed"] or r.get("finding") else "")
         counts = "".join(f'<td class="count" data-outcome="{o}">{int(r[o])}</td>' for o in OUTCOMES)
         body.append(
             f'<tr class="{kind}" data-adapter="{esc(r["adapter"])}" data-check="{esc(r["check"])}" '
@@ -107,7 +107,7 @@ def test_rows(tests: list[dict[str, Any]]) -> str:
             if isinstance(v, dict) and isinstance(v.get("max_abs_err"), (int, float))
         )
         meta = ", ".join(f"{k}={v}" for k, v in (t.get("meta") or {}).items())
-        kind = {"failed": "bad", "error": "bad", "xpassed": "warn"}.get(t["outcome"], "")
+        kind = {"failed": "bad", "error": "bad", "xpassed": "warn", "finding": "warn"}.get(t["outcome"], "")
         reason = str(t.get("reason") or "")
         out.append(
             f'<tr class="{kind}" data-outcome="{esc(t["outcome"])}"><td>{esc(t.get("case"))}</td>'

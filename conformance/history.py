@@ -140,7 +140,7 @@ def cell_tests(runs: list[Run], row: dict[str, Any]) -> list[dict[str, Any]]:
     run = next((r for r in runs if r.name == row["run"]), None)
     if run is None:
         return []
-    order = {"failed": 0, "error": 0, "xpassed": 1, "xfailed": 2, "passed": 3, "skipped": 4}
+    order = {"failed": 0, "error": 0, "xpassed": 1, "finding": 1, "xfailed": 2, "passed": 3, "skipped": 4}
     where = (row["adapter"], row.get("check", "golden"), row["dtype"], row["device"])
     tests = [
         t for t in run.tests if (t["adapter"], t.get("check", "golden"), t["dtype"], t["device"]) == where

@@ -174,25 +174,46 @@ def _no_empty_rows(spec: dict[str, Any]) -> bool:
     return not spec["fully_masked_rows"]
 
 
-#: Property name -> (which cases it applies to, the transformation).
-PROPERTIES: dict[str, tuple[Callable[[dict[str, Any]], bool], Callable[..., Transformed]]] = {
-    "kv-permutation": (
+@dataclass(frozen=True)
+class Property:
+    """A relation checked on every adapter: which cases it applies to, the transformation, and,
+    for an advisory robustness probe, why a conforming implementation may fail it."""
+
+    applies: Callable[[dict[str, Any]], bool]
+    transform: Callable[..., Transformed]
+    advisory: str = ""
+
+
+#: Why Inf and NaN poison are advisory: IEEE arithmetic itself leaks them.
+POISON_LEAKS = (
+    "keys and values hidden from every query still flow through the projections and P @ V, and in IEEE "
+    "arithmetic 0 x Inf = NaN: an implementation of the reference semantics in the straightforward form (the "
+    "reference itself included) leaks non-finite poison; excluding hidden keys before the product is a "
+    "robustness choice, not conformance"
+)
+
+#: Property name -> Property. Conformance properties follow from the reference semantics; advisory
+#: ones are robustness probes (findings in the report, failures only under ``--strict``).
+PROPERTIES: dict[str, Property] = {
+    "kv-permutation": Property(
         lambda s: not s["causal"] and s["mask"] is None and not s["self_attention"] and s["kv_len"] > 1,
         kv_permutation,
     ),
-    "future-tokens": (
+    "future-tokens": Property(
         lambda s: s["causal"] and s["mask"] is None and s["q_len"] >= 2 and _no_empty_rows(s),
         future_tokens,
     ),
-    "masked-poison-huge": (lambda s: _key_padding(s), masked_poison(1e4)),
-    "masked-poison-inf": (lambda s: _key_padding(s), masked_poison(np.inf)),
-    "masked-poison-nan": (lambda s: _key_padding(s), masked_poison(np.nan)),
-    "batch-independence": (lambda s: s["batch"] >= 2 and _no_empty_rows(s), batch_independence),
-    "head-permutation": (
+    "masked-poison-huge": Property(lambda s: _key_padding(s), masked_poison(1e4)),
+    "masked-poison-inf": Property(lambda s: _key_padding(s), masked_poison(np.inf), advisory=POISON_LEAKS),
+    "masked-poison-nan": Property(lambda s: _key_padding(s), masked_poison(np.nan), advisory=POISON_LEAKS),
+    "batch-independence": Property(lambda s: s["batch"] >= 2 and _no_empty_rows(s), batch_independence),
+    "head-permutation": Property(
         lambda s: s["num_heads"] >= 2 and s["out_proj"] and _no_empty_rows(s),
         head_permutation,
     ),
 }
+#: The advisory checks, by name, with the reason each may fail on a conforming implementation.
+ADVISORY = {name: p.advisory for name, p in PROPERTIES.items() if p.advisory}
 
 
 def _key_padding(spec: dict[str, Any]) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 REPORT_FORMAT = "1"
-OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "finding")
 
 
 @dataclass

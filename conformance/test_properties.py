@@ -10,7 +10,7 @@ from conformance.properties import PROPERTIES, never_attended_keys
 from conformance.tolerance import judge
 from impls.adapter import RUNTIME_INPUTS
 
-CHECKS = {name: select for name, (select, _) in PROPERTIES.items()}
+CHECKS = {name: prop.applies for name, prop in PROPERTIES.items()}
 
 
 def test_property(target, suite, request):
@@ -20,19 +20,28 @@ def test_property(target, suite, request):
     if target.check.startswith("masked-poison") and never_attended_keys(case) is None:
         pytest.skip(f"case {case.id} hides no key from every query")
     inputs = {n: a for n, a in cast_inputs(case, target.dtype).items() if n in RUNTIME_INPUTS}
-    change = PROPERTIES[target.check][1](case, inputs)
+    change = PROPERTIES[target.check].transform(case, inputs)
     where = f"{adapter.name} on {target.device} in {target.dtype}, case {case.id}, property {target.check}"
     test = f"conformance/test_properties.py -k '{target.check}-'"
     repro = "Reproduce: " + reproduce_line(
         adapter.name, target.device, target.dtype, case.id, suite.k, test=test
     )
+    advisory = PROPERTIES[target.check].advisory
+
+    def fail(message: str) -> None:
+        """A failure; an advisory probe's is a finding instead, unless --strict."""
+        if advisory and not suite.strict:
+            request.node.mha_finding = f"advisory finding ({advisory}): {message}"
+            return
+        raise AssertionError(message)
+
     runs = []
     for run_case, run_inputs in ((case, inputs), (change.case or case, change.inputs)):
         ex = suite.runner.execute(adapter, run_case, target.dtype, target.device, "forward", run_inputs)
         if ex.status == "skip":
             pytest.skip(ex.message)
         if ex.status != "ok":
-            raise AssertionError(f"{where}: {ex.message}\n{repro}")
+            return fail(f"{where}: {ex.message}\n{repro}")
         runs.append(ex.result["output"])
         record.meta.update(ex.result.get("meta", {}))
     before, after = runs
@@ -52,7 +61,7 @@ def test_property(target, suite, request):
     )  # fmt: skip
     record.verdicts.append(verdict)
     if not verdict.passed:
-        raise AssertionError(
+        fail(
             f"{where}: the output changed after {change.what} (compared: {int(keep.sum())} query rows)\n"
             f"  {verdict.describe()}\n{repro}"
         )

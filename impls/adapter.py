@@ -35,19 +35,6 @@ Result = dict[str, Any]
 Prepared = Callable[[Mapping[str, np.ndarray]], Result]
 
 
-#: A finding shared by every implementation measured so far (and by any plain P @ V): keys and values
-#: that the mask hides from every query still flow through the projections, scores and P @ V,
-#: and 0 x Inf = NaN, so Inf or NaN there reaches the output. Finite poison (1e4) does not leak.
-POISON_LEAKS = {
-    f"masked-poison-{kind}:*": (
-        f"{kind} in keys/values that the mask hides from every query still reaches the output as NaN: the "
-        "hidden rows are projected and multiplied like any other (0 x Inf = NaN in P @ V), only their "
-        "weights are zeroed"
-    )
-    for kind in ("inf", "nan")
-}
-
-
 class Adapter:
     """Base class for the full adapter form. Override :meth:`prepare`; the rest has defaults."""
 

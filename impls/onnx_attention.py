@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from impls.adapter import POISON_LEAKS, Prepared
+from impls.adapter import Prepared
 from impls.onnx_common import Graph, OnnxRuntimeAdapter, Session, from_io, ort_version, to_io
 
 OPSET = 24
@@ -184,7 +184,6 @@ class OnnxAttention(OnnxRuntimeAdapter):
                 "*:mask_fully_masked_batch_row:*:cpu",
             )
         },
-        **POISON_LEAKS,
     }
 
     def supports(self, spec: Mapping[str, Any], dtype: str, device: str) -> str | None:

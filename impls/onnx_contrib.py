@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from impls.adapter import POISON_LEAKS
 from impls.onnx_attention import cache_streams, step_model
 from impls.onnx_common import (
     DEFAULT_OPSET,
@@ -139,7 +138,6 @@ class OnnxContribMHA(OnnxRuntimeAdapter):
             "hidden keys set to 1e4 score far above that and take the attention: the mask is not a hard "
             "exclusion"
         ),
-        **POISON_LEAKS,
     }
 
     def supports(self, spec: Mapping[str, Any], dtype: str, device: str) -> str | None:

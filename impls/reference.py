@@ -1,6 +1,6 @@
 """The float64 NumPy reference multi-head attention: the truth every adapter is held to.
 
-Canonical semantics (README, "Reference semantics"):
+Canonical semantics (docs/semantics.md):
 
 * ``query`` [B, Tq, d_in], ``key`` [B, Tk, kdim], ``value`` [B, Tk, vdim].
 * Projections ``y = x @ W + b`` with W stored [in, out]; biases are optional.
@@ -13,9 +13,12 @@ Canonical semantics (README, "Reference semantics"):
   and a context row of 0, never NaN.
 * Heads are concatenated to [B, Tq, H*hdv]; the output projection is optional.
 
-The same forward also runs in emulated low precision (:class:`Precision`), which is how
-the generator measures each dtype's precision baseline. This module imports nothing but
-NumPy, so the truth never depends on a framework under test.
+The same forward and backward also run in emulated low precision (:class:`Precision`) and
+in any of several valid orders of operations (:class:`Algorithm`): the generator measures
+each dtype's precision baseline as the worst error over that ensemble (:data:`ENSEMBLE`).
+Every emulated step is deterministic IEEE arithmetic (no BLAS in the emulated dtype), so a
+baseline is the same number on every machine. This module imports nothing but NumPy, so
+the truth never depends on a framework under test.
 """
 
 from __future__ import annotations
@@ -81,6 +84,183 @@ PRECISIONS = {
 FLOAT64 = PRECISIONS["float64"]
 
 
+# -------------------------------------------------------------------------- algorithms
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One valid order of operations for the same attention. Every choice here is made by a
+    shipped kernel; none changes the exact result, only where the roundings fall.
+
+    * ``matmul``: ``"rounded"``, each dot product and sum formed exactly and rounded once to
+      the accumulation dtype (the most accurate order); ``"sequential"``, summed term by term,
+      every product and partial sum rounded (XLA:CPU and oneDNN dot products); ``"fma"``, term by
+      term with one rounding a step (a fused multiply-add GEMM micro-kernel along K);
+      ``"storage"``, term by term with every product and partial sum rounded to the dtype itself
+      (TensorFlow's CPU einsum on half types accumulates in the half type).
+    * ``softmax``: normalise by dividing by the row sum, or by multiplying with its reciprocal.
+    * ``scale``: applied to the scores ``Q K^T`` in the accumulation dtype (``"scores"``), to
+      ``Q K^T`` after it is stored in the dtype (``"after"``), to ``q`` in the dtype before the
+      product (``"q"``), or ``sqrt(scale)`` to both ``q`` and ``k`` in the dtype (``"qk"``); the
+      scale itself rounded to the dtype wherever the dtype multiplies by it.
+    * ``key_block``: 0 for the two-pass softmax; n > 0 for the online (flash) softmax over
+      blocks of n keys: scores kept in the accumulation dtype, a running max and sum, the
+      context rescaled at every new max, the weights rounded to the dtype before ``P @ V``.
+    * ``backward``: ``"stored"`` reuses the forward's normalised weights; ``"recompute"`` (the
+      flash backward) recomputes them as ``exp(scores - lse)`` from the accumulation-dtype
+      logsumexp and forms ``D = rowsum(dO * O)`` from the rounded output.
+    * ``reductions``: sums over tokens and kv groups (bias gradients, grouped kv heads) in
+      the accumulation dtype, or term by term in the storage dtype (XLA and TensorFlow sum a
+      half-precision broadcast's gradient in the half dtype).
+    * ``dtypes``: where the order is used. TensorFlow's CPU einsum accumulates float16 in
+      float16 but bfloat16 in float32, so accumulating GEMMs in the dtype is a float16 order only.
+    """
+
+    name: str
+    matmul: str = "rounded"
+    softmax: str = "divide"
+    scale: str = "scores"
+    key_block: int = 0
+    backward: str = "stored"
+    reductions: str = "accumulate"
+    #: The dtypes a shipped kernel uses this order in (empty: every dtype).
+    dtypes: tuple[str, ...] = ()
+
+
+STRAIGHTFORWARD = Algorithm("straightforward")
+#: The valid algorithms whose worst error, per dtype and tensor, is a case's precision baseline.
+ENSEMBLE: tuple[Algorithm, ...] = (
+    STRAIGHTFORWARD,
+    Algorithm("sequential", matmul="sequential"),
+    Algorithm("reciprocal", softmax="reciprocal"),
+    Algorithm("prescale-q", scale="q"),
+    Algorithm("prescale-qk", scale="qk"),
+    Algorithm("postscale", scale="after"),
+    Algorithm("online", key_block=16),
+    Algorithm("half-reductions", reductions="storage", dtypes=("float16", "bfloat16")),
+    # Whole kernel stacks, whose choices compound:
+    Algorithm("eager", matmul="fma", softmax="reciprocal", scale="q"),
+    Algorithm("xla", matmul="sequential", reductions="storage", dtypes=("float16", "bfloat16")),
+    Algorithm("half-accumulation", matmul="storage", reductions="storage", dtypes=("float16",)),
+    Algorithm("flash", matmul="fma", scale="qk", key_block=16, softmax="reciprocal", backward="recompute"),
+    Algorithm("flash-tiled", key_block=8, backward="recompute"),
+)
+#: One line per ensemble member, stored with every case so a reader knows what was measured.
+ENSEMBLE_DESCRIPTION = {
+    "straightforward": "every product and sum formed exactly and rounded once to the accumulation dtype, "
+    "each step rounded to the dtype",
+    "sequential": "every matmul and sum accumulated term by term in the accumulation dtype",
+    "reciprocal": "softmax normalised by multiplying with 1/rowsum",
+    "prescale-q": "q multiplied by the scale (rounded to the dtype) in the dtype before Q K^T",
+    "prescale-qk": "q and k each multiplied by sqrt(scale) (rounded to the dtype) in the dtype",
+    "postscale": "Q K^T stored in the dtype, then multiplied by the scale (rounded to the dtype) in the dtype",
+    "online": "online softmax over blocks of 16 keys (running max and sum, rescaled context), "
+    "scores in the accumulation dtype, weights rounded to the dtype before P @ V",
+    "eager": "FMA GEMMs + reciprocal + prescale-q: an eager framework's math path on CPU",
+    "xla": "sequential + half-reductions: XLA and TensorFlow on CPU",
+    "half-accumulation": "float16 only: every matmul and sum accumulated term by term in float16 itself "
+    "(TensorFlow's CPU einsum)",
+    "flash-tiled": "online softmax over blocks of 8 keys, backward recomputed from the logsumexp with D summed "
+    "sequentially (dP from a correctly rounded GEMM)",
+    "flash": "FMA GEMMs + prescale-qk + online + reciprocal forward; backward recomputes the weights from the "
+    "accumulation-dtype logsumexp, with D = rowsum(dO * O) summed as a tree",
+    "half-reductions": "sums over tokens and kv groups term by term in the dtype itself",
+}
+
+
+def _sequential_sum(x: Array, axis: int, round_each) -> Array:
+    """Sum along ``axis`` term by term, ``round_each`` applied to every partial sum."""
+    x = np.moveaxis(x, axis, 0)
+    total = x[0].copy()
+    for term in x[1:]:
+        total = round_each(total + term)
+    return total
+
+
+def _tree_sum(x: Array) -> Array:
+    """Sum along the last axis pairwise (a reduction tree), every partial sum rounded."""
+    while x.shape[-1] > 1:
+        if x.shape[-1] % 2:
+            x = np.concatenate([x, np.zeros_like(x[..., :1])], axis=-1)
+        x = x[..., 0::2] + x[..., 1::2]
+    return x[..., 0]
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """The arithmetic of one emulation: a precision and an algorithm. In float64 it is the
+    truth's own arithmetic (NumPy and BLAS in float64), whatever the algorithm."""
+
+    p: Precision
+    alg: Algorithm = STRAIGHTFORWARD
+
+    @property
+    def exact(self) -> bool:
+        return self.p.name == "float64"
+
+    def round(self, x: Array) -> Array:
+        return self.p.round(x)
+
+    def acc(self, x: Array) -> Array:
+        return self.p.acc(x)
+
+    def matmul(self, x: Array, y: Array) -> Array:
+        """``x @ y`` in the accumulation dtype (not yet rounded to the storage dtype)."""
+        if self.exact:
+            return np.asarray(x, np.float64) @ np.asarray(y, np.float64)
+        # Products of two half-precision values are exact in float32: there an FMA is sequential.
+        if self.alg.matmul == "sequential" or (self.alg.matmul == "fma" and self.p.name != "float32"):
+            xa, ya = self.acc(x), self.acc(y)
+            total = xa[..., :, :1] * ya[..., :1, :]
+            for i in range(1, xa.shape[-1]):  # left to right, every product and partial sum rounded
+                total = total + xa[..., :, i : i + 1] * ya[..., i : i + 1, :]
+            return total
+        if self.alg.matmul == "storage":  # accumulated in the dtype itself: every partial sum rounded to it
+            if self.p.name == "float16":  # NumPy's float16 arithmetic rounds every operation to float16
+                xa, ya = np.asarray(x, np.float16), np.asarray(y, np.float16)
+                total = xa[..., :, :1] * ya[..., :1, :]
+                for i in range(1, xa.shape[-1]):
+                    total = total + xa[..., :, i : i + 1] * ya[..., i : i + 1, :]
+                return self.acc(total)
+            xa, ya = self.acc(x), self.acc(y)
+            total = self.round(xa[..., :, :1] * ya[..., :1, :])
+            for i in range(1, xa.shape[-1]):
+                total = self.round(total + self.round(xa[..., :, i : i + 1] * ya[..., i : i + 1, :]))
+            return total
+        if self.alg.matmul == "fma":
+            # Left to right with one rounding a step: a product of two float32 values is exact in
+            # float64, so rounding the float64 sum to float32 is a fused multiply-add.
+            xd, yd = np.asarray(self.acc(x), np.float64), np.asarray(self.acc(y), np.float64)
+            total = self.acc(xd[..., :, :1] * yd[..., :1, :])
+            for i in range(1, xd.shape[-1]):
+                total = self.acc(total + xd[..., :, i : i + 1] * yd[..., i : i + 1, :])
+            return total
+        return self.acc(np.asarray(x, np.float64) @ np.asarray(y, np.float64))
+
+    def sum(self, x: Array, axis: int, reduction: bool = False) -> Array:
+        """Sum along ``axis`` in the accumulation dtype; ``reduction`` marks the sums over tokens
+        and kv groups that ``Algorithm.reductions`` may move to the storage dtype."""
+        if self.exact:
+            return np.asarray(x, np.float64).sum(axis=axis)
+        if reduction and self.alg.reductions == "storage":
+            return _sequential_sum(self.round(x), axis, self.round)
+        if self.alg.matmul == "storage":
+            return _sequential_sum(self.round(x), axis, self.round)
+        if self.alg.matmul in ("sequential", "fma"):
+            return _sequential_sum(self.acc(x), axis, self.acc)
+        return self.acc(np.asarray(x, np.float64).sum(axis=axis))
+
+    def exp(self, x: Array) -> Array:
+        """exp correctly rounded to the accumulation dtype (computed in float64): deterministic
+        on every machine, unlike a vectorised float32 libm."""
+        if self.exact:
+            return np.exp(np.asarray(x, np.float64))
+        return self.acc(np.exp(np.asarray(x, np.float64)))
+
+
+EXACT = Arithmetic(FLOAT64)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -96,6 +276,8 @@ class Forward:
     v: Array  # [B, H, Tk, hdv]
     context: Array  # [B, Tq, H*hdv], before the output projection
     scale: float
+    scores: Array | None = None  # [B, H, Tq, Tk] as the algorithm formed them (emulations only)
+    lse: Array | None = None  # [B, H, Tq, 1] logsumexp of the online softmax (emulations only)
 
 
 def default_scale(spec: Mapping[str, Any]) -> float:
@@ -121,46 +303,102 @@ def allowed_keys(spec: Mapping[str, Any], mask: Array | None) -> Array:
     return allowed
 
 
-def _split_heads(x: Array, heads: int, width: int) -> Array:
+def split_heads(x: Array, heads: int, width: int) -> Array:
     """[B, T, heads*width] -> [B, heads, T, width]."""
     b, t, _ = x.shape
     return x.reshape(b, t, heads, width).transpose(0, 2, 1, 3)
 
 
-def _merge_heads(x: Array) -> Array:
+def merge_heads(x: Array) -> Array:
     """[B, heads, T, width] -> [B, T, heads*width]."""
     b, h, t, w = x.shape
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * w)
 
 
-def _linear(p: Precision, x: Array, w: Array, b: Array | None) -> Array:
-    y = p.acc(x) @ p.acc(w)
+def _linear(ar: Arithmetic, x: Array, w: Array, b: Array | None) -> Array:
+    y = ar.matmul(x, w)
     if b is not None:
-        y = y + p.acc(b)
-    return p.round(y)
+        y = y + ar.acc(b)
+    return ar.round(y)
 
 
-def masked_softmax(p: Precision, scores: Array, allowed: Array) -> Array:
+def _scores(ar: Arithmetic, q: Array, k: Array, scale: float) -> Array:
+    """``Q K^T * scale`` where the algorithm puts the scale; rounded to the dtype unless the
+    online softmax keeps them in the accumulation dtype."""
+    where = ar.alg.scale
+    if where == "q":
+        q = ar.round(ar.acc(q) * ar.acc(ar.round(np.float64(scale))))
+    elif where == "qk":
+        root = ar.acc(ar.round(np.sqrt(np.float64(scale))))
+        q, k = ar.round(ar.acc(q) * root), ar.round(ar.acc(k) * root)
+    product = ar.matmul(q, k.swapaxes(-1, -2))
+    if where == "scores":
+        product = product * ar.p.accumulate(scale)
+    elif where == "after":  # Q K^T stored in the dtype, then multiplied by the dtype's scale
+        product = ar.acc(ar.round(product)) * ar.acc(ar.round(np.float64(scale)))
+    return product if ar.alg.key_block else ar.round(product)
+
+
+def _normalise(ar: Arithmetic, x: Array, total: Array) -> Array:
+    """``x / total`` (or ``x * (1/total)``) where ``total > 0``, else 0."""
+    safe = np.where(total > 0, total, ar.acc(1.0))
+    out = x * (ar.acc(1.0) / safe) if ar.alg.softmax == "reciprocal" else x / safe
+    return np.where(total > 0, out, ar.acc(0.0))
+
+
+def masked_softmax(
+    p: Precision, scores: Array, allowed: Array, algorithm: Algorithm = STRAIGHTFORWARD
+) -> Array:
     """Softmax over the allowed keys of each row; rows with none allowed give zeros."""
+    ar = Arithmetic(p, algorithm)
     any_allowed = allowed.any(axis=-1, keepdims=True)
     row_max = np.where(allowed, scores, -np.inf).max(axis=-1, keepdims=True)
     row_max = np.where(any_allowed, row_max, 0.0)
     # exp(-inf) = 0 for keys that may not be attended, without overflow warnings.
-    exps = np.exp(p.acc(np.where(allowed, scores - row_max, -np.inf)))
-    denom = exps.sum(axis=-1, keepdims=True)
-    weights = exps / np.where(denom > 0, denom, 1.0)
-    return p.round(weights)
+    exps = ar.exp(ar.acc(np.where(allowed, scores - row_max, -np.inf)))
+    total = ar.sum(exps, -1)[..., None]
+    return p.round(_normalise(ar, exps, total))
 
 
-def forward(tensors: Mapping[str, Array], spec: Mapping[str, Any], precision: Precision = FLOAT64) -> Forward:
+def _online_attention(ar: Arithmetic, scores: Array, allowed: Array, v: Array) -> tuple[Array, Array, Array]:
+    """The flash forward: blocks of keys, a running max ``m`` and sum ``l``, the context
+    rescaled by ``exp(m_old - m_new)`` at every new max, weights rounded to the dtype before
+    ``P @ V``. Returns the per-head context (rounded), the weights recomputed from the final
+    logsumexp (rounded) and that logsumexp."""
+    block = ar.alg.key_block
+    shape = scores.shape[:-1] + (1,)
+    m = np.full(shape, -np.inf, ar.p.accumulate)
+    total = np.zeros(shape, ar.p.accumulate)
+    context = np.zeros(scores.shape[:-1] + (v.shape[-1],), ar.p.accumulate)
+    for j0 in range(0, scores.shape[-1], block):
+        s = ar.acc(np.where(allowed[..., j0 : j0 + block], scores[..., j0 : j0 + block], -np.inf))
+        m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
+        base = np.where(np.isfinite(m_new), m_new, ar.acc(0.0))
+        rescale = np.where(np.isfinite(m), ar.exp(m - base), ar.acc(0.0))
+        p = ar.exp(s - base)
+        total = total * rescale + ar.sum(p, -1)[..., None]
+        context = context * rescale + ar.matmul(ar.round(p), v[..., j0 : j0 + block, :])
+        m = m_new
+    lse = np.where(total > 0, m + ar.acc(np.log(np.where(total > 0, total, 1.0))), ar.acc(0.0))
+    weights = np.where(allowed, ar.exp(ar.acc(np.where(allowed, scores, lse)) - lse), ar.acc(0.0))
+    return ar.round(_normalise(ar, context, total)), ar.round(weights), ar.acc(lse)
+
+
+def forward(
+    tensors: Mapping[str, Array],
+    spec: Mapping[str, Any],
+    precision: Precision = FLOAT64,
+    algorithm: Algorithm = STRAIGHTFORWARD,
+) -> Forward:
     """Multi-head attention forward pass.
 
     ``tensors`` holds ``query key value w_q w_k w_v`` (and ``w_o`` when ``out_proj``),
     the biases the case has (``b_q b_k b_v b_o``) and optionally ``mask``. In the default
     float64 precision this is the truth; other precisions emulate a dtype (see
-    :class:`Precision`) to measure what that dtype can achieve.
+    :class:`Precision`), in the order of operations ``algorithm`` describes, to measure what
+    that dtype can achieve.
     """
-    p = precision
+    ar = Arithmetic(precision, algorithm)
     h, hkv = spec["num_heads"], spec["num_kv_heads"]
     hd, hdv = spec["head_dim"], spec["v_head_dim"]
     if h % hkv:
@@ -170,29 +408,61 @@ def forward(tensors: Mapping[str, Array], spec: Mapping[str, Any], precision: Pr
 
     def get(name: str) -> Array | None:
         value = tensors.get(name)
-        return None if value is None else p.round(value)
+        return None if value is None else ar.round(value)
 
-    q = _split_heads(_linear(p, get("query"), get("w_q"), get("b_q")), h, hd)
-    k = _split_heads(_linear(p, get("key"), get("w_k"), get("b_k")), hkv, hd)
-    v = _split_heads(_linear(p, get("value"), get("w_v"), get("b_v")), hkv, hdv)
+    q = split_heads(_linear(ar, get("query"), get("w_q"), get("b_q")), h, hd)
+    k = split_heads(_linear(ar, get("key"), get("w_k"), get("b_k")), hkv, hd)
+    v = split_heads(_linear(ar, get("value"), get("w_v"), get("b_v")), hkv, hdv)
     k = np.repeat(k, group, axis=1)  # query head h reads kv head h // group
     v = np.repeat(v, group, axis=1)
 
     allowed = allowed_keys(spec, tensors.get("mask"))
-    scores = p.round((p.acc(q) @ p.acc(k).swapaxes(-1, -2)) * p.accumulate(scale))
-    weights = masked_softmax(p, scores, allowed)
-    context = _merge_heads(p.round(p.acc(weights) @ p.acc(v)))
-    output = _linear(p, context, get("w_o"), get("b_o")) if spec["out_proj"] else context
-    return Forward(output, weights, allowed, q, k, v, context, scale)
+    scores = _scores(ar, q, k, scale)
+    lse = None
+    if algorithm.key_block and not ar.exact:
+        heads, weights, lse = _online_attention(ar, scores, allowed, v)
+    else:
+        weights = masked_softmax(precision, scores, allowed, algorithm)
+        heads = ar.round(ar.matmul(weights, v))
+    context = merge_heads(heads)
+    output = _linear(ar, context, get("w_o"), get("b_o")) if spec["out_proj"] else context
+    return Forward(output, weights, allowed, q, k, v, context, scale, scores, lse)
 
 
 # ---------------------------------------------------------------------------- backward
 
 
-def _sum_groups(x: Array, group: int) -> Array:
+def sum_groups(ar: Arithmetic, x: Array, group: int) -> Array:
     """[B, H, T, w] -> [B, H/group, T, w]: gradients of repeated kv heads add up."""
     b, h, t, w = x.shape
-    return x.reshape(b, h // group, group, t, w).sum(axis=2)
+    return ar.sum(x.reshape(b, h // group, group, t, w), 2, reduction=True)
+
+
+def _softmax_backward(ar: Arithmetic, fw: Forward, d_heads: Array) -> tuple[Array, Array]:
+    """``(dS, dV)`` from the context gradient per head: reusing the stored weights, or, for the
+    flash backward, recomputing them from the logsumexp with ``D = rowsum(dO * O)``."""
+    v_t = fw.v.swapaxes(-1, -2)
+    d_w = ar.matmul(d_heads, v_t)
+    if ar.alg.backward == "recompute" and fw.lse is not None:
+        scores = ar.acc(np.where(fw.allowed, fw.scores, fw.lse))
+        w = np.where(fw.allowed, ar.exp(scores - fw.lse), ar.acc(0.0))
+        heads = split_heads(fw.context, fw.q.shape[1], fw.v.shape[-1])
+        # D is a row reduction, not a GEMM: formed in another order than dP = dO V^T (a tree after
+        # a sequential GEMM, a sequential sum after a rounded one), so the two cancel only up to
+        # rounding, and a lone key's gradient is noise, not exactly zero.
+        products = ar.acc(d_heads) * ar.acc(heads)
+        if ar.alg.matmul != "rounded":
+            row = _tree_sum(products)[..., None]
+        else:
+            row = _sequential_sum(products, -1, ar.acc)[..., None]
+        d_scores = ar.round(w * (d_w - row))
+        d_v = ar.round(ar.matmul(ar.round(w).swapaxes(-1, -2), d_heads))
+        return d_scores, d_v
+    w = fw.attn_weights
+    wa, d_wa = ar.acc(w), ar.acc(ar.round(d_w))
+    d_scores = ar.round(wa * (d_wa - ar.sum(d_wa * wa, -1)[..., None]))  # zero where masked
+    d_v = ar.round(ar.matmul(w.swapaxes(-1, -2), d_heads))
+    return d_scores, d_v
 
 
 def backward(
@@ -201,6 +471,9 @@ def backward(
     grad_output: Array,
     precision: Precision = FLOAT64,
     projection_grads: dict[str, Array] | None = None,
+    algorithm: Algorithm = STRAIGHTFORWARD,
+    fw: Forward | None = None,
+    only_inputs: bool = False,
 ) -> dict[str, Array]:
     """Gradients of ``sum(output * grad_output)`` with respect to every input and weight.
 
@@ -209,164 +482,53 @@ def backward(
     self-attention case stores the same array three times. In the default float64 this is
     the truth; another precision emulates a dtype as the forward does: the backward runs on
     the emulated forward's rounded intermediates, and each step (a matmul, the softmax
-    backward, a sum over tokens or kv groups) is formed in the accumulation dtype and its
-    result rounded to the storage dtype, as autograd does with its half-precision kernels.
-    ``projection_grads``, when given, receives the gradients of the projections' outputs
-    (``q k v``, [B, T, width]), from which the bias gradients are sums over tokens.
+    backward, a sum over tokens or kv groups) is formed in the accumulation dtype, in the
+    order ``algorithm`` describes, and its result rounded to the storage dtype, as autograd
+    does with its half-precision kernels. ``projection_grads``, when given, receives the
+    gradients of the projections' outputs (``q k v``, [B, T, width]), from which the bias
+    gradients are sums over tokens. ``fw``, when given, is this precision's and algorithm's forward
+    already computed; ``only_inputs`` leaves out the weight and bias gradients.
     """
-    p = precision
-    fw = forward(tensors, spec, p)
+    ar = Arithmetic(precision, algorithm)
+    fw = fw if fw is not None else forward(tensors, spec, precision, algorithm)
     h, hdv = spec["num_heads"], spec["v_head_dim"]
     group = h // spec["num_kv_heads"]
     grads: dict[str, Array] = {}
 
-    def matmul(x: Array, y: Array) -> Array:
-        return p.round(p.acc(x) @ p.acc(y))
+    def flat(x: Array) -> Array:  # [B, T, n] -> [B*T, n]
+        return x.reshape(-1, x.shape[-1])
 
     def token_sum(x: Array) -> Array:  # bias gradients: a sum over batch and tokens
-        return p.round(p.acc(x).sum(axis=(0, 1)))
+        return ar.round(ar.sum(flat(x), 0, reduction=True))
 
     def weight_grad(x: Array, d_y: Array) -> Array:  # x^T d_y over batch and tokens
-        return p.round(np.einsum("bti,bto->io", p.acc(x), p.acc(d_y)))
+        return ar.round(ar.matmul(flat(x).T, flat(d_y)))
 
-    d_context = p.round(grad_output)
+    d_context = ar.round(grad_output)
     if spec["out_proj"]:
-        grads["grad_w_o"] = weight_grad(fw.context, d_context)
-        if "b_o" in tensors:
-            grads["grad_b_o"] = token_sum(d_context)
-        d_context = matmul(d_context, p.round(tensors["w_o"]).T)
+        if not only_inputs:
+            grads["grad_w_o"] = weight_grad(fw.context, d_context)
+            if "b_o" in tensors:
+                grads["grad_b_o"] = token_sum(d_context)
+        d_context = ar.round(ar.matmul(d_context, ar.round(tensors["w_o"]).T))
 
-    d_ctx_heads = _split_heads(d_context, h, hdv)  # [B, H, Tq, hdv]
-    w = fw.attn_weights
-    d_w = matmul(d_ctx_heads, fw.v.swapaxes(-1, -2))
-    d_v = matmul(w.swapaxes(-1, -2), d_ctx_heads)
-    wa, d_wa = p.acc(w), p.acc(d_w)
-    d_scores = p.round(wa * (d_wa - (d_wa * wa).sum(axis=-1, keepdims=True)))  # zero where masked
-    scale = p.accumulate(fw.scale)
-    d_q = p.round((p.acc(d_scores) @ p.acc(fw.k)) * scale)
-    d_k = p.round((p.acc(d_scores).swapaxes(-1, -2) @ p.acc(fw.q)) * scale)
+    d_scores, d_v = _softmax_backward(ar, fw, split_heads(d_context, h, hdv))
+    scale = precision.accumulate(fw.scale)
+    d_q = ar.round(ar.matmul(d_scores, fw.k) * scale)
+    d_k = ar.round(ar.matmul(d_scores.swapaxes(-1, -2), fw.q) * scale)
 
     projected = {
-        "q": _merge_heads(d_q),
-        "k": _merge_heads(p.round(_sum_groups(p.acc(d_k), group))),
-        "v": _merge_heads(p.round(_sum_groups(p.acc(d_v), group))),
+        "q": merge_heads(d_q),
+        "k": merge_heads(ar.round(sum_groups(ar, d_k, group))),
+        "v": merge_heads(ar.round(sum_groups(ar, d_v, group))),
     }
     if projection_grads is not None:
         projection_grads.update(projected)
     for short, input_name in PROJECTIONS[:3]:
         d_y = projected[short]
-        grads[f"grad_w_{short}"] = weight_grad(p.round(tensors[input_name]), d_y)
-        if f"b_{short}" in tensors:
-            grads[f"grad_b_{short}"] = token_sum(d_y)
-        grads[f"grad_{input_name}"] = matmul(d_y, p.round(tensors[f"w_{short}"]).T)
+        if not only_inputs:
+            grads[f"grad_w_{short}"] = weight_grad(ar.round(tensors[input_name]), d_y)
+            if f"b_{short}" in tensors:
+                grads[f"grad_b_{short}"] = token_sum(d_y)
+        grads[f"grad_{input_name}"] = ar.round(ar.matmul(d_y, ar.round(tensors[f"w_{short}"]).T))
     return grads
-
-
-# ------------------------------------------------------------------- error magnitudes
-
-
-def error_scales(tensors: Mapping[str, Array], spec: Mapping[str, Any]) -> dict[str, dict]:
-    """The magnitudes that bound float rounding error in ``output`` and ``attn_weights``.
-
-    A length-n dot product computed in floating point errs by about ``sqrt(n) * eps *
-    (|x| . |y|)`` with high probability (Higham and Mary's probabilistic bound; the
-    worst case is n instead of sqrt(n)), so the forward pass is replayed on absolute values
-    to get ``|x| . |y|`` for every step. Returns, per tensor, the largest such magnitude
-    and the number of accumulated terms along its chain of reductions. The tolerance
-    policy turns these into its floor (``conformance/tolerance.py``).
-
-    * Logits: ``scale * |Q| |K|^T`` with ``|Q| = |x||W_q| + |b_q|``. An absolute error
-      delta in a logit changes its softmax weight by a relative delta, so the weights'
-      magnitude is ``1 + max|logit|`` (the 1 covers exp and the normalising division).
-    * Output: ``(P |V|) |W_o| + |b_o|``, times the same ``1 + max|logit|`` since every
-      weight error carries into it.
-    """
-    h, hkv = spec["num_heads"], spec["num_kv_heads"]
-    hd, hdv, group = spec["head_dim"], spec["v_head_dim"], h // hkv
-
-    def abs_linear(x: str, w: str, b: str) -> Array:
-        y = np.abs(tensors[x]) @ np.abs(tensors[w])
-        return y + np.abs(tensors[b]) if b in tensors else y
-
-    aq = _split_heads(abs_linear("query", "w_q", "b_q"), h, hd)
-    ak = np.repeat(_split_heads(abs_linear("key", "w_k", "b_k"), hkv, hd), group, axis=1)
-    av = np.repeat(_split_heads(abs_linear("value", "w_v", "b_v"), hkv, hdv), group, axis=1)
-    fw = forward(tensors, spec)
-    logits = np.where(fw.allowed, (aq @ ak.swapaxes(-1, -2)) * abs(fw.scale), 0.0)
-    logit_factor = 1.0 + float(logits.max(initial=0.0))
-    out = _merge_heads(fw.attn_weights @ av)
-    if spec["out_proj"]:
-        out = out @ np.abs(tensors["w_o"])
-        if "b_o" in tensors:
-            out = out + np.abs(tensors["b_o"])
-    projection_terms = max(spec["d_in"], spec["kdim"], spec["vdim"])
-    logit_terms = projection_terms + hd
-    output_terms = logit_terms + spec["kv_len"] + (h * hdv if spec["out_proj"] else 0)
-    return {
-        "attn_weights": {"magnitude": logit_factor, "terms": logit_terms + spec["kv_len"]},
-        "output": {"magnitude": float(out.max(initial=0.0)) * logit_factor, "terms": output_terms},
-    }
-
-
-def gradient_error_scales(
-    tensors: Mapping[str, Array], spec: Mapping[str, Any], grad_output: Array
-) -> dict[str, dict]:
-    """The magnitudes that bound float rounding error in each gradient, as
-    :func:`error_scales` does for the forward: the backward pass replayed on absolute values
-    (``|dY| |W|^T``, ``|x|^T |dY|``, ``P (|dP| + rowsum(|dP| P))``, ...), so each gradient
-    gets the largest ``|x| . |y|`` along its chain and the number of terms accumulated on
-    the way (the forward's chain, then the backward's). Everything downstream of the
-    softmax weights carries the forward's ``1 + max|logit|`` factor, since an error in a
-    logit changes its weight, and so every gradient through it, by that relative amount.
-    """
-    h, hkv = spec["num_heads"], spec["num_kv_heads"]
-    hd, hdv, group = spec["head_dim"], spec["v_head_dim"], h // hkv
-    b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
-    scales = error_scales(tensors, spec)
-    factor = scales["attn_weights"]["magnitude"]
-    forward_terms = scales["attn_weights"]["terms"]  # the projections, scores and softmax
-
-    def absolute(name: str) -> Array:
-        return np.abs(np.asarray(tensors[name], dtype=np.float64))
-
-    def abs_linear(x: str, short: str) -> Array:
-        y = absolute(x) @ absolute(f"w_{short}")
-        return y + absolute(f"b_{short}") if f"b_{short}" in tensors else y
-
-    aq = _split_heads(abs_linear("query", "q"), h, hd)
-    ak = np.repeat(_split_heads(abs_linear("key", "k"), hkv, hd), group, axis=1)
-    av = np.repeat(_split_heads(abs_linear("value", "v"), hkv, hdv), group, axis=1)
-    weights = forward(tensors, spec).attn_weights
-    scale = abs(default_scale(spec))
-    d_out = np.abs(np.asarray(grad_output, dtype=np.float64))
-
-    out: dict[str, dict] = {}
-
-    def put(name: str, magnitude: Array, terms: int) -> None:
-        out[name] = {"magnitude": float(np.max(magnitude, initial=0.0)), "terms": int(terms)}
-
-    d_ctx, d_ctx_terms = d_out, 0
-    if spec["out_proj"]:
-        context = _merge_heads(weights @ av)
-        put("grad_w_o", np.einsum("bti,bto->io", context, d_out) * factor, forward_terms + hdv + b * tq)
-        if "b_o" in tensors:
-            put("grad_b_o", d_out.sum(axis=(0, 1)), b * tq)
-        d_ctx, d_ctx_terms = d_out @ absolute("w_o").T, spec["d_out"]
-    d_heads = _split_heads(d_ctx, h, hdv)
-    d_w = d_heads @ av.swapaxes(-1, -2)
-    d_w_terms = max(d_ctx_terms + hdv, forward_terms)
-    d_scores = weights * (d_w + (d_w * weights).sum(axis=-1, keepdims=True)) * factor
-    d_scores_terms = d_w_terms + tk
-    chains = {
-        "q": (_merge_heads(d_scores @ ak * scale), d_scores_terms + tk),
-        "k": (_merge_heads(_sum_groups(d_scores.swapaxes(-1, -2) @ aq * scale, group)), d_scores_terms + tq),
-        "v": (_merge_heads(_sum_groups(weights.swapaxes(-1, -2) @ d_heads, group)) * factor, d_w_terms + tq),
-    }
-    for short, input_name in PROJECTIONS[:3]:
-        d_y, terms = chains[short]
-        x = absolute(input_name)
-        put(f"grad_w_{short}", np.einsum("bti,bto->io", x, d_y), terms + group + b * x.shape[1])
-        if f"b_{short}" in tensors:
-            put(f"grad_b_{short}", d_y.sum(axis=(0, 1)), terms + group + b * x.shape[1])
-        put(f"grad_{input_name}", d_y @ absolute(f"w_{short}").T, terms + group + d_y.shape[-1])
-    return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -13,9 +15,12 @@ from impls.adapter import Adapter
 TORCH_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
+@functools.cache
 def torch():  # imported lazily so the suite collects without torch installed
     import torch
 
+    if os.environ.get("MHA_TORCH_MKLDNN") == "0":  # oneDNN kernels off (conformance.portability)
+        torch.backends.mkldnn.enabled = False
     return torch
 
 
@@ -54,7 +59,13 @@ class TorchAdapter(Adapter):
         return None
 
     def versions(self) -> dict[str, str]:
-        return {"torch": torch().__version__}
+        t = torch()
+        return {
+            "torch": t.__version__,
+            "threads": str(t.get_num_threads()),
+            "cpu_capability": t.backends.cpu.get_cpu_capability(),
+            "mkldnn": str(t.backends.mkldnn.enabled),
+        }
 
     def bench(self, case, spec, dtype, device):
         from impls.torch_bench import bench  # timed bodies live apart from the conformance path

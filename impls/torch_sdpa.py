@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from impls.adapter import POISON_LEAKS
 from impls.torch_common import TorchAdapter, allowed_mask, input_leaves, to_numpy, to_torch, torch
 
 SDPA_KERNELS = (
@@ -35,55 +34,9 @@ def profiled_kernel(fn, candidates=SDPA_KERNELS):
     return result, next((k for k in candidates if k in ran), "unknown")
 
 
-#: Why the CPU SDPA backward errs more than the straightforward computation (measured, torch 2.13).
-FLASH_BACKWARD = (
-    "the CPU backward (_scaled_dot_product_flash_attention_for_cpu_backward, for every dtype) recomputes "
-    "the weights block by block as exp(scale*s - logsumexp) from its float32 logsumexp, with q and k "
-    "pre-scaled by sqrt(scale), instead of reusing the normalised softmax; weights a few ulps off feed the "
-    "softmax backward's cancellation dP - rowsum(dP P), which amplifies them"
-)
-SINGLE_KEY_BACKWARD = (
-    "with one allowed key per row the weights recomputed from the logsumexp are 1 - O(eps), not exactly 1, "
-    "so the gradients that are exactly zero (query, key, w_q, b_q, w_k, b_k: a lone weight cannot move) "
-    "come out as rounding noise, up to 2.3e-6 in float32, where the straightforward backward gives 0"
-)
-FLASH_GRAD_CASES = {
-    "causal_tq4_tk7_bottom_right:float32": "2.05x the straightforward float32 error (grad_w_k)",
-    "decode_tq1_tk1024_long_cache:float32": "3.0x the straightforward float32 error (grad_w_o) over 1024 keys",
-    "head_dim128_h2:float32": "2.1x the straightforward float32 error (grad_query)",
-    "odd_sizes_t7_din13_h3_hd5_dout11:float32": "2.3x the straightforward float32 error (grad_b_q)",
-    "scale_one_unscaled:float32": "2.2x the straightforward float32 error (grad_w_q)",
-    "huge_logits_1e4:float32": "with logits near 7e3 the amplification reaches 6.9x (grad_w_k)",
-    "huge_logits_1e4_masked:float32": "with huge masked-out logits it reaches 29x (grad_b_v)",
-    "huge_logits_1e4:float16": "with logits near 7e3 in float16 (score spacing 4) 8.3x (grad_w_k)",
-    "huge_logits_1e4:bfloat16": "with logits near 7e3 in bfloat16 (score spacing 32) 12x (grad_key)",
-}
-
-
-def flash_backward_divergences(path: str) -> dict[str, str]:
-    """``gradients:`` divergences of a module whose backward is the CPU SDPA kernel's."""
-    found = {f"gradients:{c}": f"{path}: {FLASH_BACKWARD}: {how}" for c, how in FLASH_GRAD_CASES.items()}
-    for dtype in ("float32", "float16"):  # float64 and bfloat16 happen to round the noise away here
-        found[f"gradients:mask_diagonal_only:{dtype}"] = f"{path}: {SINGLE_KEY_BACKWARD}"
-    return found
-
-
 class TorchSDPA(TorchAdapter):
     name = "torch-sdpa"
     path = "x @ W + b projections, F.scaled_dot_product_attention(attn_mask, is_causal, scale, enable_gqa)"
-    divergences = {
-        **POISON_LEAKS,
-        "golden:decode_tq1_tk1024_long_cache:float32:cpu": (
-            "the CPU flash kernel (_scaled_dot_product_flash_attention_for_cpu) pre-scales q and k by "
-            "sqrt(scale) and rescales its online softmax block by block; over 1024 keys in float32 it reaches "
-            "2.0e-7 abs / 1.1e-6 rel, 5.5x the straightforward float32 computation (the math kernel: 2.4x)"
-        ),
-        "golden:huge_logits_1e4:float16": (
-            "SDPA scales q and k by sqrt(scale) in float16 before Q K^T; with logits near 7e3 (score spacing 4) "
-            "the extra roundings move scores by whole ulps: 2.1x the straightforward float16 error"
-        ),
-        **flash_backward_divergences("SDPA on CPU"),
-    }
 
     def prepare(self, case, spec, dtype, device, *, dropout_p: float = 0.0):
         t = torch()

@@ -24,8 +24,9 @@ from conformance.dropout import check_dropout
 from conformance.tolerance import judge
 from impls import reference
 from impls.bench import bench_threads
+from impls.error_model import case_error_scales
 from vectors.catalogue import spec as make_spec
-from vectors.generate import build_inputs
+from vectors.generate import build_inputs, ensemble_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = {
@@ -111,10 +112,14 @@ def test_timed_body_matches_the_conformance_path(name):
     got = bench.to_numpy(bench.forward())
     bench.sync()
     truth = reference.forward(inputs, spec)
-    baseline = float(np.max(np.abs(reference.forward(inputs, spec, reference.PRECISIONS["float32"]).output
-                                   - truth.output)))  # fmt: skip
-    scale = reference.error_scales(inputs, spec)["output"]
-    verdict = judge(got, truth.output, tensor="output", dtype="float32", baseline=baseline, error_scale=scale)
+    g = upstream_gradient(spec).astype(np.float64)
+    exact = reference.backward(inputs, spec, g)
+    total = sum(exact[f"grad_{n}"] for n in ("query", "key", "value"))
+    want = {"output": truth.output, **{f"grad_{n}": exact[f"grad_{n}"] for n in ("query", "key", "value")}}
+    baselines = ensemble_errors(inputs, spec, "float32", want, g)[0]
+    scales = case_error_scales(inputs, spec, g, [f"grad_{n}" for n in ("query", "key", "value")])
+    verdict = judge(got, truth.output, tensor="output", dtype="float32", baseline=baselines["output"],
+                    error_scale=scales["output"])  # fmt: skip
     assert verdict.passed, verdict.describe()
     if BACKEND_OF[name] in BITWISE:
         np.testing.assert_array_equal(got, expected)
@@ -126,17 +131,14 @@ def test_timed_body_matches_the_conformance_path(name):
     arrays = [np.asarray(bench.to_numpy(g), np.float64) for g in leaves(grads)]
     assert len(arrays) == 1 + 8  # the one self-attention input, then 4 kernels and 4 biases
     assert all(np.isfinite(a).all() for a in arrays)
-    # Self-attention passes one tensor as query, key and value: its gradient is the sum of the three.
-    g = upstream_gradient(spec).astype(np.float64)
-    exact = reference.backward(inputs, spec, g)
-    emulated = reference.backward(inputs, spec, g, reference.PRECISIONS["float32"])
-    total = sum(exact[f"grad_{n}"] for n in ("query", "key", "value"))
-    scales = reference.gradient_error_scales(inputs, spec, g)
+    # Self-attention passes one tensor as query, key and value: its gradient is the sum of the three,
+    # whose error is at most the sum of theirs.
+    names = [f"grad_{n}" for n in ("query", "key", "value")]
     worst = {
-        "magnitude": max(scales[f"grad_{n}"]["magnitude"] for n in ("query", "key", "value")),
-        "terms": max(scales[f"grad_{n}"]["terms"] for n in ("query", "key", "value")),
+        "terms": max(scales[n]["terms"] for n in names),
+        "rms_magnitude": sum(scales[n]["rms_magnitude"] for n in names),
     }
-    gap = float(np.max(np.abs(sum(emulated[f"grad_{n}"] for n in ("query", "key", "value")) - total)))
+    gap = sum(baselines[n] for n in names)
     grad_verdict = judge(bench.to_numpy(leaves(grads)[0]), total, tensor="grad_query+key+value",
                          dtype="float32", baseline=gap, error_scale=worst)  # fmt: skip
     assert grad_verdict.passed, grad_verdict.describe()

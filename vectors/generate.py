@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from impls import reference
+from impls import error_model, reference
 from vectors import golden
 from vectors.catalogue import CASES
 
@@ -24,14 +24,13 @@ EMULATION = (
     "cast). Each step (Q/K/V projections with bias, scaled scores, softmax weights, "
     "context, output projection with bias) is computed in the accumulation dtype "
     "(float32 for float16/bfloat16, else the dtype itself) and its result rounded to the "
-    "dtype. The softmax subtracts the row max, exponentiates and normalises in the "
-    "accumulation dtype. The backward runs on the emulated forward's rounded intermediates, "
-    "each step (grad_output through the output projection, dP = dC V^T, dV = P^T dC, the softmax "
-    "backward P (dP - rowsum(dP P)), dQ and dK with the scale, sums over kv groups, the input, "
-    "weight and bias gradients) formed in the accumulation dtype and rounded to the dtype. "
-    "Baseline = max |emulated - float64| per tensor; for grad_b_k, which is zero in exact "
-    "arithmetic (the softmax ignores a per-row shift), at least the sum over tokens of the "
-    "emulated key-projection gradient's errors, which bounds its noise in any summation order."
+    "dtype, in each of the valid orders of operations listed under 'algorithms'; the backward "
+    "runs on each emulated forward's rounded intermediates in the same way. Baseline = the "
+    "largest max |emulated - float64| over those algorithms, per dtype and tensor ('set_by' "
+    "names the algorithm); float64 has none (it is the truth's own precision: the analytic "
+    "floor carries it). For grad_b_k, which is zero in exact arithmetic (the softmax ignores a "
+    "per-row shift), at least the sum over tokens of the emulated key-projection gradient's "
+    "errors, which bounds its noise in any summation order."
 )
 
 
@@ -138,41 +137,79 @@ def key_bias_bound(emulated: np.ndarray, truth: np.ndarray) -> float:
     return float(np.max(np.abs(emulated - truth).sum(axis=(0, 1)), initial=0.0))
 
 
+def ensemble_errors(
+    inputs: dict[str, np.ndarray],
+    spec: dict[str, Any],
+    dtype: str,
+    want: dict[str, np.ndarray],
+    grad_output: np.ndarray | None = None,
+    truth_d_y: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The worst error over the ensemble of valid algorithms emulated in ``dtype``, for every
+    tensor in ``want`` (the float64 truth: ``output``, ``attn_weights`` and, with ``grad_output``,
+    gradients), and the algorithm that set each. ``truth_d_y`` (the truth's projection
+    gradients) bounds ``grad_b_k``'s noise (:func:`key_bias_bound`)."""
+    precision = reference.PRECISIONS[dtype]
+    worst: dict[str, float] = {}
+    by: dict[str, str] = {}
+    for algorithm in reference.ENSEMBLE:
+        if algorithm.dtypes and dtype not in algorithm.dtypes:
+            continue
+        emulated = reference.forward(inputs, spec, precision, algorithm)
+        got = {"output": emulated.output, "attn_weights": emulated.attn_weights}
+        d_y: dict[str, np.ndarray] = {}
+        if grad_output is not None:
+            inputs_only = not any(name.startswith(("grad_w_", "grad_b_")) for name in want)
+            got.update(
+                reference.backward(
+                    inputs, spec, grad_output, precision, d_y, algorithm, emulated, inputs_only
+                )
+            )
+        for name, truth in want.items():
+            err = float(np.max(np.abs(got[name] - truth), initial=0.0))
+            if name == "grad_b_k" and truth_d_y is not None:
+                err = max(err, key_bias_bound(d_y["k"], truth_d_y["k"]))
+            if not np.isfinite(err):
+                raise ValueError(
+                    f"case {spec['id']}: the {dtype} emulation ({algorithm.name}) of {name} is not "
+                    f"finite; drop {dtype} from the case's dtypes in vectors/catalogue.py"
+                )
+            if err > worst.get(name, -1.0):
+                worst[name], by[name] = err, algorithm.name
+    return worst, by
+
+
 def baselines(
     spec: dict[str, Any],
     tensors: dict[str, np.ndarray],
     truth: reference.Forward,
     grads: dict[str, np.ndarray] | None = None,
 ) -> dict:
-    """Per dtype, the reference's own error in that dtype for ``output``, ``attn_weights``
-    and each gradient the case holds (``spec["gradients"]``), plus the error magnitudes."""
+    """Per dtype, the worst error over the ensemble of valid algorithms emulated in that dtype
+    for ``output``, ``attn_weights`` and each gradient the case holds (``spec["gradients"]``),
+    which algorithm set each, and the error magnitudes."""
     inputs = {k: v for k, v in tensors.items() if k in golden.INPUT_NAMES}
     truth_d_y: dict[str, np.ndarray] = {}
     fresh = reference.backward(inputs, spec, tensors["grad_output"], projection_grads=truth_d_y)
     grads = fresh if grads is None else grads
-    scales = reference.error_scales(inputs, spec)
-    every_grad = reference.gradient_error_scales(inputs, spec, tensors["grad_output"])
-    scales.update({name: every_grad[name] for name in spec["gradients"]})
-    out: dict[str, Any] = {"emulation": EMULATION, "error_scale": scales}
+    want = {
+        "output": truth.output,
+        "attn_weights": truth.attn_weights,
+        **{n: grads[n] for n in spec["gradients"]},
+    }
+    out: dict[str, Any] = {
+        "emulation": EMULATION,
+        "algorithms": reference.ENSEMBLE_DESCRIPTION,
+        "error_scale": error_model.case_error_scales(inputs, spec, tensors["grad_output"], spec["gradients"]),
+        "set_by": {},
+    }
     for dtype in spec["dtypes"]:
-        precision = reference.PRECISIONS[dtype]
-        emulated = reference.forward(inputs, spec, precision)
-        emulated_d_y: dict[str, np.ndarray] = {}
-        emulated_grads = reference.backward(inputs, spec, tensors["grad_output"], precision, emulated_d_y)
-        pairs = {name: (getattr(emulated, name), getattr(truth, name)) for name in ("output", "attn_weights")}
-        pairs.update({name: (emulated_grads[name], grads[name]) for name in spec["gradients"]})
-        errs = {}
-        for name, (got, want) in pairs.items():
-            err = float(np.max(np.abs(got - want), initial=0.0))
-            if name == "grad_b_k":
-                err = max(err, key_bias_bound(emulated_d_y["k"], truth_d_y["k"]))
-            if not np.isfinite(err):
-                raise ValueError(
-                    f"case {spec['id']}: the {dtype} emulation of {name} is not finite; "
-                    f"drop {dtype} from the case's dtypes in vectors/catalogue.py"
-                )
-            errs[name] = err
-        out[dtype] = errs
+        if dtype == "float64":
+            out[dtype] = dict.fromkeys(want, 0.0)
+            continue
+        out[dtype], out["set_by"][dtype] = ensemble_errors(
+            inputs, spec, dtype, want, tensors["grad_output"], truth_d_y
+        )
     return out
 
 

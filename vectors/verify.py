@@ -50,9 +50,9 @@ def verify_case(case_id: str, root: Path, manifest: dict, catalogue: dict[str, d
     for name, scale in fresh_base["error_scale"].items():
         stored = stored_base.get("error_scale", {}).get(name)
         if (
-            stored is None
-            or not np.isclose(stored.get("magnitude"), scale["magnitude"], rtol=1e-6)
-            or (stored.get("terms") != scale["terms"])
+            not isinstance(stored, dict)
+            or stored.get("terms") != scale["terms"]
+            or not np.isclose(stored.get("rms_magnitude", np.nan), scale["rms_magnitude"], rtol=1e-6)
         ):
             problems.append(
                 f"case {case_id}: error_scale for '{name}' is {stored}, recomputed {scale}; {golden.REGENERATE}"
@@ -65,6 +65,11 @@ def verify_case(case_id: str, root: Path, manifest: dict, catalogue: dict[str, d
                     f"case {case_id}: {dtype} baseline for '{name}' is {a}, recomputed {b:.3e}; "
                     f"{golden.REGENERATE}"
                 )
+    if stored_base.get("set_by") != fresh_base["set_by"]:
+        problems.append(
+            f"case {case_id}: the algorithms that set the baselines ('set_by') differ from a fresh run of the "
+            f"ensemble in impls/reference.py; {golden.REGENERATE}"
+        )
     return problems
 
 
