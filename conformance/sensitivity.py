@@ -117,7 +117,7 @@ def elementwise_study(
         rms = error_model.rms_arrays(inputs, spec, g)
         for dtype in (d for d in spec["dtypes"] if d != "float64"):
             per_element: dict[str, np.ndarray] = {}
-            for algorithm in reference.ENSEMBLE:
+            for algorithm in (a for a in reference.ENSEMBLE if a.used_in(dtype)):
                 emulated = reference.forward(inputs, spec, reference.PRECISIONS[dtype], algorithm)
                 grads = reference.backward(inputs, spec, g, reference.PRECISIONS[dtype], algorithm=algorithm)
                 for name, got in {"output": emulated.output, **grads}.items():

@@ -150,12 +150,17 @@ class KerasMHA(Adapter):
             output_shape=spec["d_out"], dropout=spec["dropout"], use_bias=use_bias, dtype=dtype, seed=seed,
         )  # fmt: skip
 
+    @staticmethod
+    def _plain(array: np.ndarray) -> np.ndarray:
+        """The array in a dtype every backend reads: bfloat16 (an ml_dtypes type) as float32, which
+        holds it exactly; every other dtype as it is, so a float64 value keeps its 53 bits."""
+        return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
+
     def _tensor(self, array: np.ndarray, dtype: str):
         k = keras()
         if array.dtype == np.bool_:
             return k.ops.convert_to_tensor(array)
-        # Every backend reads float32; it holds the bfloat16/float16 values exactly.
-        return k.ops.cast(k.ops.convert_to_tensor(array.astype(np.float32)), dtype)
+        return k.ops.cast(k.ops.convert_to_tensor(self._plain(array)), dtype)
 
     def _load_weights(
         self, layer, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str
@@ -169,16 +174,14 @@ class KerasMHA(Adapter):
             "o": (layer._output_dense if gqa else layer.output_dense, None),
         }
         for short, (sub, heads) in dense.items():
-            w = case[f"w_{short}"].astype(np.float32)
+            w = self._plain(case[f"w_{short}"])
             kernel = w.reshape(h, hdv, spec["d_out"]) if short == "o" else w.reshape(w.shape[0], *heads)
-            sub.kernel.assign(kernel)  # float32 holds every listed dtype's values exactly; Keras casts
+            sub.kernel.assign(kernel)  # Keras casts to the variable's dtype: exact, the values are the dtype's
             if sub.bias is not None:
                 shape = (spec["d_out"],) if short == "o" else heads
                 bias = case.get(f"b_{short}")
                 # A missing bias is exactly a zero bias: x + 0 == x in every dtype.
-                values = (
-                    np.zeros(shape, np.float32) if bias is None else bias.astype(np.float32).reshape(shape)
-                )
+                values = np.zeros(shape, w.dtype) if bias is None else self._plain(bias).reshape(shape)
                 sub.bias.assign(values)
 
     def _attention_mask(self, spec: Mapping[str, Any], mask: np.ndarray | None):

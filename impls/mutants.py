@@ -41,15 +41,28 @@ class Correct(Adapter):
     convention: ClassVar[Convention] = REFERENCE
     #: The bug in one line, for the mutation table.
     bug: ClassVar[str] = "none (the correct twin)"
+    #: A storage bug: (the call dtype it strikes, the tensors it narrows, the dtype they are kept in).
+    narrowed: ClassVar[tuple[str, tuple[str, ...], str] | None] = None
+
+    def keep(self, tensors: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+        """The tensors as the implementation holds them: the twin holds them as given."""
+        if self.narrowed is None or self.narrowed[0] != dtype:
+            return dict(tensors)
+        _, names, narrow = self.narrowed
+        return {
+            n: a.astype(_numpy_dtype(narrow)).astype(a.dtype) if n in names or n[:2] in names else a
+            for n, a in tensors.items()
+        }
 
     def prepare(
         self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str
     ) -> Prepared:
-        weights = {n: a for n, a in case.items() if n[:2] in ("w_", "b_")}
+        weights = self.keep({n: a for n, a in case.items() if n[:2] in ("w_", "b_")}, dtype)
         rng = np.random.default_rng(0)
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-            out = attention({**weights, **inputs}, spec, self.convention, rng)["output"]
+            held = self.keep({n: a for n, a in inputs.items() if n != "mask"}, dtype)
+            out = attention({**weights, **inputs, **held}, spec, self.convention, rng)["output"]
             return {"output": out.astype(_numpy_dtype(dtype))}
 
         return run
@@ -114,10 +127,38 @@ DropoutInEval = _mutant(
 RelError1e3 = _mutant("RelError1e3", "mutant-rel-error-1e-3", "output off by 1e-3 relative", rel_error=1e-3)
 NoBiases = _mutant("NoBiases", "mutant-no-biases", "biases ignored", biases=False)
 
+
+def _narrowing(
+    cls_name: str, name: str, bug: str, narrowed: tuple[str, tuple[str, ...], str]
+) -> type[Correct]:
+    return type(cls_name, (Correct,), {
+        "name": name, "bug": bug, "narrowed": narrowed,
+        "path": f"the correct twin with one bug: {bug}", "__doc__": f"Mutant: {bug}.",
+    })  # fmt: skip
+
+
+#: Storage precision: a tensor kept in a narrower dtype than the call asks for (the golden cases
+#: whose inputs are exact in bfloat16 cannot see these; the precision-exposing cases can).
+WeightsBfloat16InFloat32 = _narrowing(
+    "WeightsBfloat16InFloat32", "mutant-weights-bf16-in-float32",
+    "weights and biases kept in bfloat16 inside a float32 call", ("float32", ("w_", "b_"), "bfloat16"),
+)  # fmt: skip
+InputsFloat32InFloat64 = _narrowing(
+    "InputsFloat32InFloat64", "mutant-inputs-f32-in-float64",
+    "inputs and weights kept in float32 inside a float64 call (only the arithmetic is float64)",
+    ("float64", ("query", "key", "value", "w_", "b_"), "float32"),
+)  # fmt: skip
+Float16FromBfloat16 = _narrowing(
+    "Float16FromBfloat16", "mutant-f16-from-bf16-inputs",
+    "a float16 call computed from bfloat16-rounded inputs and weights",
+    ("float16", ("query", "key", "value", "w_", "b_"), "bfloat16"),
+)  # fmt: skip
+
 #: Every mutant, in the issue's order; ``Correct`` is the twin that must pass.
 MUTANTS: tuple[type[Correct], ...] = (
     NoScale, ScaleByD, CausalOffByOne, CausalIgnored, MaskInverted, SoftmaxWrongAxis, HeadsNotTransposed,
     GqaTiled, KeysWithValueWeights, Float32Softmax, NanEmptyRows, DropoutInEval, RelError1e3, NoBiases,
+    WeightsBfloat16InFloat32, InputsFloat32InFloat64, Float16FromBfloat16,
 )  # fmt: skip
 
 

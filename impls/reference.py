@@ -126,6 +126,9 @@ class Algorithm:
     #: The dtypes a shipped kernel uses this order in (empty: every dtype).
     dtypes: tuple[str, ...] = ()
 
+    def used_in(self, dtype: str) -> bool:
+        return not self.dtypes or dtype in self.dtypes
+
 
 STRAIGHTFORWARD = Algorithm("straightforward")
 #: The valid algorithms whose worst error, per dtype and tensor, is a case's precision baseline.

@@ -103,7 +103,7 @@ def test_emulated_backward_rounds_to_its_dtype_and_errs_like_it(case_id):
     for dtype in ("float32", "float16", "bfloat16"):
         if dtype not in case.spec["dtypes"]:
             continue
-        for algorithm in reference.ENSEMBLE:
+        for algorithm in (a for a in reference.ENSEMBLE if a.used_in(dtype)):
             grads = reference.backward(t, case.spec, g, reference.PRECISIONS[dtype], algorithm=algorithm)
             for name, grad in grads.items():
                 assert np.array_equal(reference.PRECISIONS[dtype].round(grad), grad), (dtype, algorithm, name)

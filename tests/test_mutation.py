@@ -34,17 +34,36 @@ KILLED_BY = {
     "mutant-rel-error-1e-3": "self_causal_b2_t8_d16_h4",
     "mutant-no-biases": "self_causal_b2_t8_d16_h4",
 }
+#: Storage-precision mutants: killed by the precision-exposing case for their dtype, by no other.
+STORAGE_KILLED_BY = {
+    "mutant-weights-bf16-in-float32": "precision_f32_inputs_self_causal_b2_t8_d16_h4",
+    "mutant-inputs-f32-in-float64": "precision_f64_inputs_self_b2_t8_d16_h4",
+    "mutant-f16-from-bf16-inputs": "precision_f16_inputs_far_from_bf16_self_b1_t4_d8_h2",
+}
+STORAGE = [m for m in mutants.MUTANTS if m.narrowed is not None]
 
 
 @pytest.fixture(scope="module")
 def reduced_run() -> mutation.MutationRun:
     cases = sorted(set(KILLED_BY.values()))
-    return mutation.run([a for c in cases for a in ("--case", c)] + ["--dtype", "float64"])
+    semantic = [m for m in mutants.MUTANTS if m.narrowed is None]
+    return mutation.run([a for c in cases for a in ("--case", c)] + ["--dtype", "float64"], semantic)
 
 
 def test_every_mutant_of_the_issue_exists():
-    assert {m.name for m in mutants.MUTANTS} == set(KILLED_BY)
-    assert len(mutants.MUTANTS) == 14
+    assert {m.name for m in mutants.MUTANTS} == set(KILLED_BY) | set(STORAGE_KILLED_BY)
+    assert len(mutants.MUTANTS) == 17
+
+
+def test_storage_mutants_die_on_precision_cases_and_on_no_other():
+    """A tensor kept in a narrower dtype than the call is invisible on inputs exact in bfloat16
+    (every shared case), and fails on the full-precision inputs of the call's dtype."""
+    result = mutation.run(["-k", "test_golden"], STORAGE)
+    assert result.twin_passes, result.twin.failed
+    for m in result.mutants:
+        killers = {case for check, case, _ in m.failed if check == "golden"}
+        assert STORAGE_KILLED_BY[m.name] in killers, (m.name, sorted(killers))
+        assert all(case.startswith("precision_") for case in killers), (m.name, sorted(killers))
 
 
 def test_the_correct_twin_passes(reduced_run):
@@ -72,5 +91,5 @@ def test_a_survivor_is_reported_and_fails_the_command(reduced_run):
 def test_readme_reports_every_mutant():
     text = (ROOT / "README.md").read_text()
     assert "## Mutation score" in text
-    for name in KILLED_BY:
+    for name in [*KILLED_BY, *STORAGE_KILLED_BY]:
         assert f"`{name}`" in text, name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -99,3 +100,54 @@ def test_load_rejects_a_truncated_file_before_parsing(vector_copy):
     victim.write_bytes(victim.read_bytes()[:100])
     with pytest.raises(golden.VectorError, match="case bias_none"):
         golden.load_case("bias_none", vector_copy)
+
+
+def test_precision_cases_use_every_bit_of_their_one_dtype():
+    """Shared cases hold values exact in bfloat16; each precision-exposing case holds values only
+    its own dtype represents (docs/vectors.md)."""
+    import ml_dtypes
+
+    def exact_in(x: np.ndarray, dtype) -> bool:
+        return bool(np.array_equal(x.astype(dtype).astype(np.float64), x.astype(np.float64)))
+
+    names = ("query", "w_q", "w_o")
+    for cid in golden.case_ids():
+        case = golden.load_case(cid)
+        spec, values = case.spec, [case.tensors[n] for n in names if n in case.tensors]
+        if not cid.startswith("precision_"):
+            assert "input_dtype" not in spec and all(exact_in(v, ml_dtypes.bfloat16) for v in values), cid
+            continue
+        (dtype,) = spec["dtypes"]
+        if dtype == "float64":
+            assert all(v.dtype == np.float64 and not exact_in(v, np.float32) for v in values), cid
+        elif dtype == "float32":
+            assert all(not exact_in(v, ml_dtypes.bfloat16) and not exact_in(v, np.float16) for v in values), (
+                cid
+            )
+        elif dtype == "float16":
+            for v in values:
+                assert exact_in(v, np.float16) and not exact_in(v, ml_dtypes.bfloat16), cid
+                bits = v.astype(np.float16).view(np.uint16)
+                assert np.all((bits[bits & 0x7C00 != 0] & 7) == 3), cid  # 3/8 of a bfloat16 ulp off its grid
+        else:
+            x = case.tensors["query"]
+            assert exact_in(x, ml_dtypes.bfloat16) and np.abs(x).max() > np.finfo(np.float16).max, cid
+
+
+def test_format_1_and_2_files_load_and_others_are_refused(tmp_path):
+    """A case with float32 inputs is written in format 1 (what a format-1 reader reads); only the
+    float64-input cases need format 2; a newer format is refused with what to do."""
+    v1, v2 = (
+        golden.load_case("self_basic_b2_t8_d16_h4"),
+        golden.load_case("precision_f64_inputs_self_b2_t8_d16_h4"),
+    )
+    for case, fmt in ((v1, "1"), (v2, "2")):
+        header = golden._parse_header(case.path, case.path.read_bytes())
+        assert header["__metadata__"]["format_version"] == fmt
+        assert header["query"]["dtype"] == ("F32" if fmt == "1" else "F64")
+    path = golden.write_case(tmp_path, v1.spec, v1.tensors, v1.baseline)
+    data = path.read_bytes().replace(b'"format_version":"1"', b'"format_version":"9"')
+    path.write_bytes(data)
+    (tmp_path / golden.MANIFEST).write_text(json.dumps({"cases": {v1.id: golden.manifest_entry(path)}}))
+    with pytest.raises(golden.VectorError, match="format_version '9', this code reads 1, 2"):
+        golden.load_case(v1.id, tmp_path)

@@ -37,7 +37,9 @@ def spec(case_id: str, description: str, **fields: Any) -> dict[str, Any]:
 
     ``mask`` is ``None`` or ``{"kind": ..., "shape": [B|1, H|1, Tq, Tk], ...}`` (see
     ``vectors/generate.py`` for the kinds). ``weight_gradients=False`` keeps only the input
-    gradients, for the wide cases that would otherwise blow the size budget.
+    gradients, for the wide cases that would otherwise blow the size budget. Inputs and weights
+    hold values every listed dtype represents exactly; ``input_grid="far_from_bfloat16"`` moves
+    float16 values to the float16 neighbours furthest below the bfloat16 grid (docs/vectors.md).
     """
     s = {"id": case_id, "description": description, **_DEFAULTS, **fields}
     s.setdefault("kv_len", s["q_len"])
@@ -54,6 +56,10 @@ def spec(case_id: str, description: str, **fields: Any) -> dict[str, Any]:
         s["out_bias"] = False
         s["d_out"] = s["num_heads"] * s["v_head_dim"]
     s["dtypes"] = list(s["dtypes"])
+    # Inputs are stored float32 holding values every listed dtype represents exactly; a case for
+    # float64 alone stores float64 inputs at full precision (format 2, docs/vectors.md).
+    if s["dtypes"] == ["float64"]:
+        s["input_dtype"] = "float64"
     weight_grads = s.pop("weight_gradients", True)
     grads = list(INPUT_GRADIENTS)
     if weight_grads:
@@ -386,6 +392,79 @@ CASES: list[dict[str, Any]] = [
         out_proj=False,
         causal=True,
         num_kv_heads=2,
+    ),
+    # --- precision-exposing inputs: the full precision of one dtype -------------------
+    # The cases above hold values exact in bfloat16, so every dtype is judged on the same inputs;
+    # these use all the bits of the one dtype they list, so keeping a tensor in a narrower dtype
+    # than the call asks for shows (docs/vectors.md).
+    spec(
+        "precision_f64_inputs_self_b2_t8_d16_h4",
+        "float64 inputs and weights at full 53-bit precision (stored float64): a float64 call that keeps "
+        "any of them in float32 fails.",
+        dtypes=("float64",),
+    ),
+    spec(
+        "precision_f64_inputs_cross_gqa_h8_kv2_keypad",
+        "Full-precision float64 inputs in grouped-query cross-attention with key padding.",
+        num_heads=8,
+        num_kv_heads=2,
+        d_in=32,
+        q_len=5,
+        kv_len=9,
+        self_attention=False,
+        mask=_mask("key_padding", (2, 1, 1, 9)),
+        dtypes=("float64",),
+    ),
+    spec(
+        "precision_f32_inputs_self_causal_b2_t8_d16_h4",
+        "float32 inputs and weights with all 24 significant bits, causal: a float32 call that keeps its "
+        "weights in bfloat16 fails.",
+        causal=True,
+        dtypes=("float32",),
+    ),
+    spec(
+        "precision_f32_inputs_cross_gqa_h8_kv2_random_mask",
+        "Full-precision float32 inputs in grouped-query cross-attention under a per-head mask.",
+        num_heads=8,
+        num_kv_heads=2,
+        d_in=32,
+        q_len=5,
+        kv_len=9,
+        self_attention=False,
+        mask=_mask("random", (2, 8, 5, 9), keep=0.7, keep_diagonal=True),
+        dtypes=("float32",),
+    ),
+    spec(
+        "precision_f16_inputs_far_from_bf16_self_b1_t4_d8_h2",
+        "float16 inputs and weights that bfloat16 cannot hold (each 3/8 of a bfloat16 ulp above the grid "
+        "point below it): a float16 call computed from bfloat16-rounded inputs fails.",
+        batch=1,
+        q_len=4,
+        d_in=8,
+        num_heads=2,
+        dtypes=("float16",),
+        input_grid="far_from_bfloat16",
+    ),
+    spec(
+        "precision_f16_inputs_far_from_bf16_cross_gqa_keypad",
+        "float16 inputs off the bfloat16 grid in grouped-query cross-attention with key padding.",
+        num_heads=4,
+        num_kv_heads=2,
+        d_in=8,
+        q_len=3,
+        kv_len=5,
+        self_attention=False,
+        mask=_mask("key_padding", (2, 1, 1, 5)),
+        dtypes=("float16",),
+        input_grid="far_from_bfloat16",
+    ),
+    spec(
+        "precision_bf16_inputs_beyond_f16_range_self",
+        "bfloat16 inputs near 1e5, past float16's largest value (65504), with weights near 1e-5: a "
+        "bfloat16 call that passes through float16 overflows.",
+        input_scale=1e5,
+        weight_scale=1e-5,
+        dtypes=("bfloat16",),
     ),
     # --- modes ----------------------------------------------------------------------
     spec(

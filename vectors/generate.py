@@ -39,18 +39,29 @@ def case_seed(case_id: str) -> int:
     return int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:8], "little")
 
 
-def representable(x: np.ndarray, dtypes: list[str]) -> np.ndarray:
-    """Round ``x`` to values every listed dtype holds exactly; returned as float32.
+def representable(x: np.ndarray, dtypes: list[str], grid: str | None = None) -> np.ndarray:
+    """Round ``x`` to values every listed dtype holds exactly: float64 alone keeps full float64
+    precision; otherwise float32, rounded further to bfloat16 and float16 when those are listed.
 
     bfloat16 keeps 8 significant bits and float16 11, so a bfloat16 value inside float16's
     normal range is a float16 value too. Below that range (|x| < 2**-14) float16 has
     coarser subnormals, so such values are flushed to zero when float16 is listed.
+    ``grid="far_from_bfloat16"`` sets the three float16 fraction bits bfloat16 drops to 011 in
+    every normal float16 value: each is then 3/8 of a bfloat16 ulp above the bfloat16 value below
+    it, so rounding it to bfloat16 shrinks every magnitude by the same relative amount.
     """
+    if dtypes == ["float64"]:
+        return np.asarray(x, dtype=np.float64)
     x = np.asarray(x, dtype=np.float64).astype(np.float32)
     if "bfloat16" in dtypes:
         x = reference.round_to_bfloat16(x)
     if "float16" in dtypes:
         x = np.where(np.abs(x) < 2.0**-14, np.float32(0), x).astype(np.float16).astype(np.float32)
+    if grid == "far_from_bfloat16":
+        bits = x.astype(np.float16).view(np.uint16)
+        normal = (bits & 0x7C00) != 0
+        moved = np.where(normal, (bits & ~np.uint16(7)) | np.uint16(3), bits).astype(np.uint16)
+        x = moved.view(np.float16).astype(np.float32)
     return x
 
 
@@ -101,7 +112,7 @@ def build_inputs(spec: dict[str, Any]) -> dict[str, np.ndarray]:
     xs, ws = spec["input_scale"], spec["weight_scale"]
 
     def normal(shape: tuple[int, ...], std: float) -> np.ndarray:
-        return representable(rng.standard_normal(shape) * std, dt)
+        return representable(rng.standard_normal(shape) * std, dt, spec.get("input_grid"))
 
     t: dict[str, np.ndarray] = {}
     t["query"] = normal((b, tq, spec["d_in"]), xs)
@@ -153,7 +164,7 @@ def ensemble_errors(
     worst: dict[str, float] = {}
     by: dict[str, str] = {}
     for algorithm in reference.ENSEMBLE:
-        if algorithm.dtypes and dtype not in algorithm.dtypes:
+        if not algorithm.used_in(dtype):
             continue
         emulated = reference.forward(inputs, spec, precision, algorithm)
         got = {"output": emulated.output, "attn_weights": emulated.attn_weights}

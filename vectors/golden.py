@@ -20,7 +20,12 @@ from safetensors.numpy import load as st_load
 
 VECTORS_DIR = Path(__file__).resolve().parent
 MANIFEST = "MANIFEST.json"
-FORMAT_VERSION = "1"
+#: Format 1: inputs, weights and grad_output stored float32. Format 2: stored in the dtype the
+#: spec's ``input_dtype`` names (float64 for the full-precision float64 cases), else as format 1.
+#: A file is written in the lowest format that holds it, so format-1 readers read every case
+#: whose inputs are float32.
+FORMAT_VERSION = "2"
+READABLE_FORMATS = ("1", "2")
 #: A case header lists a few dozen tensors and three JSON strings; anything bigger is damage.
 MAX_HEADER_BYTES = 1 << 20
 REQUIRED_SPEC_KEYS = (
@@ -58,15 +63,26 @@ class GoldenCase:
         return {k: v for k, v in self.tensors.items() if k in INPUT_NAMES}
 
 
+def input_dtype(spec: dict[str, Any]) -> str:
+    """The dtype a case stores its inputs, weights and grad_output in."""
+    return spec.get("input_dtype", "float32")
+
+
+def file_format(spec: dict[str, Any]) -> str:
+    """The lowest format that holds the case: 2 where inputs are stored in float64, else 1."""
+    return "2" if input_dtype(spec) != "float32" else "1"
+
+
 def expected_layout(spec: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor a case file must hold, with its shape and storage dtype.
 
-    Inputs, weights and ``grad_output`` are float32 holding values exactly representable in
-    every listed dtype; ``mask`` is bool; expectations and gradients are float64.
+    Inputs, weights and ``grad_output`` are stored in ``spec["input_dtype"]`` (float32 unless the
+    case is float64 alone) holding values exactly representable in every listed dtype; ``mask``
+    is bool; expectations and gradients are float64.
     """
     b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
     h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
-    f32, f64 = "float32", "float64"
+    f32, f64 = input_dtype(spec), "float64"
     inputs = {
         "query": (b, tq, spec["d_in"]),
         "key": (b, tk, spec["kdim"]),
@@ -124,7 +140,7 @@ def write_case(root: Path, spec: dict[str, Any], tensors: dict[str, np.ndarray],
     layout = expected_layout(spec)
     arrays = {name: np.asarray(tensors[name], dtype=dtype) for name, (_, dtype) in layout.items()}
     metadata = {
-        "format_version": FORMAT_VERSION,
+        "format_version": file_format(spec),
         "spec": json.dumps(spec, sort_keys=True),
         "baseline": json.dumps(baseline, sort_keys=True),
     }
@@ -179,10 +195,10 @@ def _metadata(path: Path, header: dict[str, Any]) -> tuple[dict, dict]:
     meta = header.get("__metadata__")
     if not isinstance(meta, dict):
         raise VectorError(f"{path}: no metadata (spec, baseline, format_version); {REGENERATE}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_FORMATS:
         raise VectorError(
             f"{path}: format_version {meta.get('format_version')!r}, this code reads "
-            f"{FORMAT_VERSION!r}; update mha-conformance or {REGENERATE}"
+            f"{', '.join(READABLE_FORMATS)}; update mha-conformance or {REGENERATE}"
         )
     parsed = []
     for key in ("spec", "baseline"):
@@ -223,6 +239,12 @@ def load_case(case_id: str, root: Path = VECTORS_DIR, manifest: dict | None = No
     spec, baseline = _metadata(path, header)
     if spec["id"] != case_id:
         raise VectorError(f"{path}: holds case {spec['id']!r}, expected {case_id!r}; {REGENERATE}")
+    stated = header["__metadata__"]["format_version"]
+    if stated != file_format(spec):
+        raise VectorError(
+            f"{path}: format_version {stated!r} but its inputs are stored {input_dtype(spec)} (format "
+            f"{file_format(spec)}); {REGENERATE}"
+        )
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types for damaged data
