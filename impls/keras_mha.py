@@ -176,7 +176,7 @@ class KerasMHA(Adapter):
         for short, (sub, heads) in dense.items():
             w = self._plain(case[f"w_{short}"])
             kernel = w.reshape(h, hdv, spec["d_out"]) if short == "o" else w.reshape(w.shape[0], *heads)
-            sub.kernel.assign(kernel)  # Keras casts to the variable's dtype: exact, the values are the dtype's
+            sub.kernel.assign(kernel)  # cast to the variable's dtype: exact, the values are that dtype's
             if sub.bias is not None:
                 shape = (spec["d_out"],) if short == "o" else heads
                 bias = case.get(f"b_{short}")
