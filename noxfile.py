@@ -1,5 +1,8 @@
-"""Every task has a session here: ``nox -s conformance``, ``nox -s tests``, ``nox -s portability``,
-``nox -s vectors``, ``nox -s lint``.
+"""Every task has a session here. The two a newcomer needs: ``nox -s conformance`` (every built-in
+adapter on CPU, one virtualenv per backend) and ``nox -s tests`` (the project's own tests). The
+others: ``portability``, ``fuzz``, ``probes``, ``mutation`` and ``vectors`` (how good the verdicts
+are), ``benchmarks``, ``speed`` and ``dashboard`` (how fast), ``docs`` and ``lint``. ``nox -l``
+lists them with their backends.
 
 Sessions use stdlib venv + pip: this machine's pip finds the local CPU build of torch, which
 uv does not. ``constraints.txt`` pins torch to that build; point ``MHA_CONSTRAINTS`` at
@@ -33,14 +36,21 @@ def install(session: nox.Session, *args: str) -> None:
 #: Keras layer runs in three environments.
 BACKENDS: dict[str, dict] = {
     "torch": {"extras": "torch", "adapters": ["torch-*"]},
-    "tensorflow": {"extras": "tensorflow", "adapters": ["keras-mha", "keras-mha-scores"],
-                   "env": {"KERAS_BACKEND": "tensorflow"}},
+    "tensorflow": {
+        "extras": "tensorflow",
+        "adapters": ["keras-mha", "keras-mha-scores"],
+        "env": {"KERAS_BACKEND": "tensorflow"},
+    },
     "jax": {"extras": "jax", "adapters": ["jax-*", "flax-*"]},
     "keras-jax": {"extras": "jax,keras", "adapters": ["keras-*-jax"], "env": {"KERAS_BACKEND": "jax"}},
-    "keras-torch": {"extras": "torch,keras", "adapters": ["keras-*-torch"], "env": {"KERAS_BACKEND": "torch"}},
+    "keras-torch": {
+        "extras": "torch,keras",
+        "adapters": ["keras-*-torch"],
+        "env": {"KERAS_BACKEND": "torch"},
+    },
     "onnx": {"extras": "onnx", "adapters": ["onnx-*"]},
     "onnx-gpu": {"extras": "onnx-gpu", "adapters": ["onnx-*"], "gpu": True},  # onnxruntime-gpu, --device cuda
-}  # fmt: skip
+}
 HISTORY = "results/conformance"
 
 
@@ -57,7 +67,7 @@ def adapter_args(session: nox.Session, patterns: list[str]) -> list[str]:
     if foreign:
         session.error(
             f"{foreign} are not built-in adapters; run your own adapter in your own environment: "
-            f"python -m pytest conformance --adapter {foreign[0]}"
+            f"python -m mha_conformance --adapter {foreign[0]}"
         )
     mine = [c for c in chosen if any(fnmatchcase(c, p) for p in patterns)] if chosen else patterns
     if not mine:
@@ -89,18 +99,17 @@ def conformance(session: nox.Session, backend: str) -> None:
     Every run also writes its JSON report into results/conformance/ (the history).
     """
     args = backend_env(session, backend, "test")
-    session.run("python", "-m", "pytest", "conformance", "-p", "no:cacheprovider", "-rfE",
-                "--history", HISTORY, *args)  # fmt: skip
+    session.run("python", "-m", "mha_conformance", "-rfE", "--history", HISTORY, *args)
 
 
 @nox.session
 @nox.parametrize("backend", ["torch", "tensorflow"])
 def portability(session: nox.Session, backend: str) -> None:
     """Identical verdicts for one backend under other thread counts, kernel libraries and
-    instruction sets (``conformance/portability.py``; docs/tolerance.md). Arguments after ``--``
+    instruction sets (``conformance/audit/portability.py``; docs/tolerance.md). Arguments after ``--``
     reach pytest."""
     backend_env(session, backend, "test")
-    session.run("python", "-m", "conformance.portability", "--backend", backend, *session.posargs)
+    session.run("python", "-m", "mha_conformance.audit.portability", "--backend", backend, *session.posargs)
 
 
 @nox.session
@@ -110,26 +119,24 @@ def fuzz(session: nox.Session, backend: str) -> None:
     ``-- --fuzz-examples N`` (default 60 per adapter and dtype); failures shrink to the smallest
     spec and print a line that reproduces them; .hypothesis/fuzz remembers them for the next run."""
     args = backend_env(session, backend, "test")
-    session.run(
-        "python", "-m", "pytest", "conformance/fuzz_attention.py", "-p", "no:cacheprovider", "-rfEs", *args
-    )
+    fuzzing = ["-p", "mha_conformance.plugin", "--pyargs", "mha_conformance.fuzzing.fuzz_attention"]
+    session.run("python", "-m", "pytest", *fuzzing, "-p", "no:cacheprovider", "-rfEs", *args)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The project's own tests, then the suite's golden checks on CPU with the torch adapters
     (``nox -s conformance`` runs every check for every backend)."""
-    install(session, "-e", ".[test,torch,onnx,jax,bench,keras]")
+    install(session, "-e", ".[test,torch,onnx,jax,bench,keras,docs]")
     session.run("python", "-m", "pytest", "tests", "-ra", *session.posargs)
-    session.run("python", "-m", "pytest", "conformance/test_golden.py", "-p", "no:cacheprovider", "-rfE",
-                "--adapter", "torch-*", "--report", "results/ci-conformance.json")  # fmt: skip
+    golden = ["-k", "test_golden", "--adapter", "torch-*", "--report", "results/ci-conformance.json"]
+    session.run("python", "-m", "mha_conformance", "-rfE", *golden)
 
 
 @nox.session
 @nox.parametrize("backend", list(BACKENDS))
 def benchmarks(session: nox.Session, backend: str) -> None:
-    """Time one backend's adapters with asv (``asv run --python=same``; README, "Benchmarks and
-    dashboards"). ``-- --device cuda|mps|all`` (default cpu), ``-- --adapter GLOB``, ``-- --quick``
+    """Time one backend's adapters with asv (``asv run --python=same``; docs/benchmarks.md). ``-- --device cuda|mps|all`` (default cpu), ``-- --adapter GLOB``, ``-- --quick``
     for a smoke run; other arguments reach asv. Only a clean tree records history in .asv/results/."""
     args = backend_env(session, backend, "bench")
     session.run("python", "-m", "benchmarks.runner", *args)
@@ -138,9 +145,9 @@ def benchmarks(session: nox.Session, backend: str) -> None:
 @nox.session
 def dashboard(session: nox.Session) -> None:
     """``asv publish`` plus the conformance page, into .asv/html/ (``-- --serve`` serves both;
-    ``-- --merge DIR`` first merges another machine's results and history; see README)."""
+    ``-- --merge DIR`` first merges another machine's results and history; docs/benchmarks.md)."""
     install(session, "-e", ".[bench]")
-    session.run("python", "-m", "conformance.dashboard", "--history", HISTORY, *session.posargs)
+    session.run("python", "-m", "mha_conformance.dashboard", "--history", HISTORY, *session.posargs)
 
 
 @nox.session
@@ -156,22 +163,24 @@ def speed(session: nox.Session, backend: str) -> None:
 @nox.session
 def mutation(session: nox.Session) -> None:
     """The mutation score: the whole suite against every deliberately wrong implementation in
-    impls/mutants.py (NumPy) and their correct twin; fails unless every mutant is killed and the
+    impls/variants/mutants.py (NumPy) and their correct twin; fails unless every mutant is killed and the
     twin passes. ``-- --case GLOB --dtype D`` narrows it; ``-- --json PATH`` keeps the result."""
     install(session, "-e", ".[test]")
-    session.run("python", "-m", "conformance.mutation", *session.posargs)
+    session.run("python", "-m", "mha_conformance.audit.mutation", *session.posargs)
 
 
 @nox.session
 @nox.parametrize("backend", [b for b, c in BACKENDS.items() if not c.get("gpu")])
 def probes(session: nox.Session, backend: str) -> None:
     """Convention probes and dropout statistics for one backend's adapters, written to
-    results/probes/<backend>.json (the dashboard's data; README, "Conventions")."""
+    results/probes/<backend>.json (the dashboard's data; docs/checks.md, "Conventions")."""
     config = BACKENDS[backend]
     install(session, "-e", f".[test,{config['extras']}]")
     session.env.update(config.get("env", {}))
     adapters = [a for pattern in config["adapters"] for a in ("--adapter", pattern)]
-    session.run("python", "-m", "conformance.probes", *adapters, "--json", f"results/probes/{backend}.json")
+    session.run(
+        "python", "-m", "mha_conformance.probes", *adapters, "--json", f"results/probes/{backend}.json"
+    )
 
 
 @nox.session
@@ -179,13 +188,24 @@ def vectors(session: nox.Session) -> None:
     """Check the golden vectors (``-- generate`` rewrites them first)."""
     install(session, "-e", ".")
     if "generate" in session.posargs:
-        session.run("python", "-m", "vectors", "generate")
-    session.run("python", "-m", "vectors", "verify")
+        session.run("python", "-m", "mha_conformance.vectors", "generate")
+    session.run("python", "-m", "mha_conformance.vectors", "verify")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site (mkdocs, strict: a broken link fails) into site/;
+    ``-- serve`` serves it with live reload instead."""
+    install(session, "-e", ".[docs]")
+    if "serve" in session.posargs:
+        session.run("mkdocs", "serve")
+    else:
+        session.run("mkdocs", "build", "--strict")
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff lint and format check."""
-    install(session, "ruff")
+    """ruff lint and format check (CI runs it; `ruff format .` fixes the formatting)."""
+    install(session, "ruff==0.17.6")  # pinned: a new ruff may format differently
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")

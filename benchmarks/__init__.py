@@ -1,2 +1,1 @@
-"""The asv benchmark suite: how fast each adapter's attention runs, per device (README,
-"Benchmarks and dashboards")."""
+"""The asv benchmark suite: how fast each adapter's attention runs, per device (docs/benchmarks.md)."""

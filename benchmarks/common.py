@@ -26,12 +26,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from conformance import registry
-from conformance.tolerance import DEFAULT_K, judge
-from impls import error_model, reference
-from impls.bench import Bench, bench_threads, refusal
-from vectors.catalogue import spec as catalogue_spec
-from vectors.generate import build_inputs, ensemble_errors
+from mha_conformance.impls import error_model, reference, registry
+from mha_conformance.impls.adapter import refusal
+from mha_conformance.impls.bench import Bench, bench_threads
+from mha_conformance.tolerance import DEFAULT_K, judge
+from mha_conformance.vectors.catalogue import spec as catalogue_spec
+from mha_conformance.vectors.generate import build_inputs, ensemble_errors
 
 DEVICE_ENV = "MHA_BENCH_DEVICE"
 #: JSON file shared by the processes of one run (the nox session gives each run a fresh one).
@@ -158,16 +158,23 @@ def gate(bench: Bench, inputs: dict[str, np.ndarray], spec: dict[str, Any], dtyp
     actual = bench.to_numpy(bench.forward())
     bench.sync()
     if getattr(actual, "shape", None) != (spec["batch"], tq, spec["d_out"]):
-        raise WrongResult(f"{label}: output shape {getattr(actual, 'shape', None)}, expected "
-                          f"{(spec['batch'], tq, spec['d_out'])}; no timing is posted")  # fmt: skip
+        raise WrongResult(
+            f"{label}: output shape {getattr(actual, 'shape', None)}, expected "
+            f"{(spec['batch'], tq, spec['d_out'])}; no timing is posted"
+        )
     verdict = judge(
-        actual[:1, rows], truth.output, tensor="output", dtype=dtype, baseline=baseline,
-        error_scale=error_model.case_error_scales(tensors, sub, None, [])["output"], k=DEFAULT_K,
-    )  # fmt: skip
+        actual[:1, rows],
+        truth.output,
+        tensor="output",
+        dtype=dtype,
+        baseline=baseline,
+        error_scale=error_model.case_error_scales(tensors, sub, None, [])["output"],
+        k=DEFAULT_K,
+    )
     if not verdict.passed:
         raise WrongResult(
             f"{label}: wrong result, no timing is posted: {verdict.describe()}\n"
-            f"Check it with the conformance suite: python -m pytest conformance --adapter {label.split()[0]}"
+            f"Check it with the conformance suite: python -m mha_conformance --adapter {label.split()[0]}"
         )
     return verdict.ratio
 
@@ -283,8 +290,16 @@ def configuration(adapter_name: str, shape: str, dtype: str, causal: bool, dev: 
         except WrongResult as exc:
             update_run_cache("configs", key, {"status": "wrong", "reason": str(exc)})
             raise
-        update_run_cache("configs", key, {"status": "ok", "gate_ratio": ratio, "framework": framework,
-                                          "backward": bench.make_backward is not None})  # fmt: skip
+        update_run_cache(
+            "configs",
+            key,
+            {
+                "status": "ok",
+                "gate_ratio": ratio,
+                "framework": framework,
+                "backward": bench.make_backward is not None,
+            },
+        )
     return Configuration(key, label, spec, dtype, dev, framework, bench)
 
 

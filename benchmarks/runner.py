@@ -54,9 +54,9 @@ def default_dtypes(device: str) -> list[str]:
 def plan(device: str, patterns: list[str], dtypes: list[str] | None = None) -> dict[str, Any]:
     """The machine and the selection for ``device``, the built-in adapters matching
     ``patterns`` and ``dtypes`` (default :func:`default_dtypes`)."""
-    from conformance import registry
-    from impls.adapter import Adapter, cpu_name
-    from impls.bench import bench_threads, refusal
+    from mha_conformance.impls import registry
+    from mha_conformance.impls.adapter import Adapter, cpu_name, refusal
+    from mha_conformance.impls.bench import bench_threads
 
     adapters = [registry.builtin(n) for n in common.ADAPTERS if any(fnmatchcase(n, p) for p in patterns)]
     runnable = [a for a in adapters if not a.missing()]
@@ -94,7 +94,7 @@ def plan(device: str, patterns: list[str], dtypes: list[str] | None = None) -> d
 
 def devices(patterns: list[str]) -> list[str]:
     """Every device some selected, installed adapter reaches here (``--device all``)."""
-    from conformance import registry
+    from mha_conformance.impls import registry
 
     found: list[str] = []
     for name in common.ADAPTERS:
@@ -116,10 +116,12 @@ def _memory() -> str:
 def clean_head() -> str | None:
     """HEAD's full hash when the work tree is clean (results then belong to that commit), else None."""
     try:
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                               check=True).stdout.strip()  # fmt: skip
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return None if dirty else head
@@ -160,17 +162,29 @@ def run(device: str, patterns: list[str], dtypes: list[str], asv_args: list[str]
         print("benchmarks: nothing to run on this device")
         return 0
     info = [a for k, v in p["machine_info"].items() for a in (f"--{k}", v)]
-    subprocess.run(["asv", "machine", "--machine", p["machine"], *info, "--yes"], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        ["asv", "machine", "--machine", p["machine"], *info, "--yes"],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     commit = clean_head()
     quick = "--quick" in asv_args or "-q" in asv_args
     record = ["--set-commit-hash", commit] if commit and not quick else []
     print(
         f"benchmarks: {len(p['bench'])} configurations; "
-        + (f"recording history for commit {commit[:12]} in .asv/results/{p['machine']}/" if record else
-           "NOT recording history (" + ("--quick" if quick else "the work tree has uncommitted changes;"
-           " commit them to record results for a commit") + ")")
-    )  # fmt: skip
+        + (
+            f"recording history for commit {commit[:12]} in .asv/results/{p['machine']}/"
+            if record
+            else "NOT recording history ("
+            + (
+                "--quick"
+                if quick
+                else "the work tree has uncommitted changes; commit them to record results for a commit"
+            )
+            + ")"
+        )
+    )
     cache_file = (
         ROOT / ".asv" / "runs" / f"{p['machine']}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     )
@@ -196,12 +210,20 @@ def run(device: str, patterns: list[str], dtypes: list[str], asv_args: list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.runner", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.runner",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps, or all")
     parser.add_argument("--adapter", action="append", default=[], help="glob on built-in adapter names")
-    parser.add_argument("--dtype", action="append", default=[], choices=common.DTYPES,
-                        help="dtypes to measure (default float32 on cpu, all elsewhere)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        default=[],
+        choices=common.DTYPES,
+        help="dtypes to measure (default float32 on cpu, all elsewhere)",
+    )
     parser.add_argument("--plan", action="store_true", help="print the plan as JSON and stop")
     args, asv_args = parser.parse_known_args(argv)
     patterns = args.adapter or ["*"]

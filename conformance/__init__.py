@@ -2,7 +2,7 @@
 
 Third parties validate their implementation from their own test file::
 
-    from conformance import parametrize_with_cases
+    from mha_conformance import parametrize_with_cases
 
     @parametrize_with_cases(my_attention)
     def test_my_attention(check):
@@ -34,7 +34,7 @@ class GoldenCheck:
         return f"golden-{self.device}-{self.dtype}-{self.case}"
 
     def __call__(self):
-        from conformance.harness import check_golden
+        from mha_conformance.checks.golden import check_golden
 
         return check_golden(self.adapter, self.case, self.dtype, self.device, self.k)
 
@@ -57,9 +57,10 @@ def parametrize_with_cases(
     """
     import pytest
 
-    from conformance import harness, registry
-    from conformance.tolerance import DEFAULT_K
-    from vectors import golden
+    from mha_conformance.execution import harness
+    from mha_conformance.impls import registry
+    from mha_conformance.tolerance import DEFAULT_K
+    from mha_conformance.vectors import golden
 
     label = name or getattr(adapter, "name", None) or getattr(adapter, "__name__", type(adapter).__name__)
     resolved = registry.as_adapter(adapter, label)
@@ -72,7 +73,7 @@ def parametrize_with_cases(
         for device in devices:
             for dtype in dtypes or [d for d in spec["dtypes"] if d in resolved.dtypes]:
                 check = GoldenCheck(resolved, case_id, dtype, device, DEFAULT_K if k is None else k)
-                reason = resolved.divergence("golden", case_id, dtype, device)
+                reason = resolved.divergence("golden", spec, dtype, device)
                 marks = (
                     [pytest.mark.xfail(reason=f"declared divergence: {reason}", strict=False)]
                     if reason

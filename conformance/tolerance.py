@@ -8,7 +8,7 @@ valid order of operations on every machine (docs/tolerance.md has the evidence):
     max_abs_err <= k * (baseline[dtype] + floor)
 
 * ``baseline[dtype]`` is the worst error, over an ensemble of valid algorithms emulated in the
-  dtype (``impls.reference.ENSEMBLE``: sequential, FMA and half-precision accumulation, the
+  dtype (``mha_conformance.impls.reference.ENSEMBLE``: sequential, FMA and half-precision accumulation, the
   reciprocal softmax, the scale on q, on q and k or after the product, online softmax, flash
   backwards from the logsumexp, ...), against the float64 truth, measured by the generator and
   stored in the case file. An implementation may be ``k`` (default 2) times as inexact as the
@@ -19,13 +19,13 @@ valid order of operations on every machine (docs/tolerance.md has the evidence):
   single key gives weights of exactly 1). The second is the scale of a random-walk rounding
   error along the tensor's chain of reductions (Higham and Mary's probabilistic analysis):
   ``terms`` counts the accumulated terms, ``rms_magnitude`` is the root-sum-square of the terms
-  the values are formed from (``impls.error_model``), so it keeps its size where a value cancels
+  the values are formed from (``mha_conformance.impls.error_model``), so it keeps its size where a value cancels
   to zero. ``eps64`` is the float64 truth's own uncertainty (for float64, whose baseline is
   zero, it carries the rule: a single float32 step fails every ordinary case); ``u = eps/2`` is
   the dtype's unit roundoff.
 * ``FLOOR_C = 1/4`` is the smallest power of two that keeps every valid order outside the
-  ensemble (``impls/valid_orders.py``) at or below half the limit on every case; the largest
-  any needs is 0.21 (``python -m conformance.sensitivity --valid-orders``). Smaller would fail
+  ensemble (``impls/variants/valid_orders.py``) at or below half the limit on every case; the largest
+  any needs is 0.21 (``python -m mha_conformance.audit.sensitivity --valid-orders``). Smaller would fail
   correct kernels elsewhere; larger would only loosen (the sensitivity table says by how much).
 
 NaN or Inf where the truth is finite always fails, as does a wrong shape or dtype. Rows
@@ -131,7 +131,7 @@ def floor(dtype: str, expected_max: float, error_scale: dict[str, float]) -> flo
     if "rms_magnitude" not in error_scale:
         raise ValueError(
             "the case's error scale has no 'rms_magnitude': its vector files were written before the "
-            "ensemble tolerance rule; run `python -m vectors generate` (or use the committed vectors)"
+            "ensemble tolerance rule; run `python -m mha_conformance.vectors generate` (or use the committed vectors)"
         )
     unit = float(np.sqrt(error_scale["terms"])) * error_scale["rms_magnitude"]
     return EPS[dtype] / 2 * expected_max + (EPS["float64"] + FLOOR_C * EPS[dtype] / 2) * unit
@@ -183,3 +183,44 @@ def judge(
         return verdict("", err, idx, float(a[idx]), float(expected[idx]))
     failed = verdict("tolerance", err, idx, float(a[idx]), float(expected[idx]))
     return replace(failed, where_over=locate(diff > tol, tensor))
+
+
+def judge_tensor(actual: Any, case: Any, name: str, dtype: str, k: float = DEFAULT_K) -> Verdict:
+    """``actual`` against the golden tensor ``name`` of ``case`` (a ``GoldenCase``), with the case's
+    baseline for ``dtype`` and its error scale: the one rule every check applies."""
+    return judge(
+        actual,
+        case.tensors[name],
+        tensor=name,
+        dtype=dtype,
+        baseline=case.baseline[dtype][name],
+        error_scale=case.baseline["error_scale"][name],
+        k=k,
+    )
+
+
+def judge_relation(
+    after: np.ndarray,
+    before: np.ndarray,
+    truth: np.ndarray,
+    *,
+    dtype: str,
+    baseline: float,
+    error_scale: dict[str, float],
+    k: float = DEFAULT_K,
+) -> Verdict:
+    """A metamorphic relation: two runs of one adapter that must agree (``after`` against
+    ``before``, on the compared positions). Each run may be ``k x (baseline + floor)`` from the
+    truth, so they may differ by twice the baseline; and where the first run is further from the
+    truth than that (a precision finding the golden check reports), each may be as far off as it
+    actually is: the relation is this check's business, the precision the golden check's."""
+    reached = float(np.max(np.abs(before.astype(np.float64) - truth), initial=0.0))
+    return judge(
+        after,
+        before.astype(np.float64),
+        tensor="output",
+        dtype=dtype,
+        baseline=2 * baseline + 2 * reached / k,
+        error_scale=error_scale,
+        k=k,
+    )

@@ -1,6 +1,6 @@
 """The adapter contract: how an implementation of attention meets the conformance suite.
 
-Two forms, both first-class (README, "Writing an adapter"):
+Two forms, both first-class (docs/adapters.md, "Writing an adapter"):
 
 * **A function** ``fn(case, spec, dtype, device) -> dict``. ``case`` holds the golden
   inputs and weights (names as in the vector contract) already cast to ``dtype``
@@ -12,8 +12,10 @@ Two forms, both first-class (README, "Writing an adapter"):
 * **A class** deriving from :class:`Adapter`, which also states its devices and dtypes,
   prepares a module once per (case, dtype, device) and declares known divergences.
 
-``divergences`` maps a pattern to a reason. The pattern is ``check:case:dtype:device``,
-each part an fnmatch glob, trailing parts optional (``"golden:*fully_masked*"``). A
+``divergences`` declares where an implementation is known to differ from the reference in
+semantics, and why: a list of :class:`Divergence` (a reason, fnmatch globs on the check, case id,
+dtype and device, and a predicate on the case's spec), or, in the simple form, a dict from a
+pattern ``check:case:dtype:device`` (each part a glob, trailing parts optional) to a reason. A
 matching test is an expected failure carrying the reason; one that passes is reported.
 """
 
@@ -21,7 +23,8 @@ from __future__ import annotations
 
 import importlib.util
 import platform
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
@@ -33,6 +36,66 @@ RUNTIME_INPUTS = ("query", "key", "value", "mask")
 
 Result = dict[str, Any]
 Prepared = Callable[[Mapping[str, np.ndarray]], Result]
+Spec = Mapping[str, Any]
+#: A case's tensors by name (inputs, weights, biases; cast to the dtype under test).
+Arrays = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A declared semantic divergence: where it shows (globs on the check, case id, dtype and
+    device, and a predicate on what the case *is*) and why. Data with a reason, never a looser
+    tolerance: a numeric amplification is the tolerance model's business, not a divergence."""
+
+    reason: str
+    check: str = "*"
+    case: str = "*"
+    dtype: str = "*"
+    device: str = "*"
+    when: Callable[[Spec], bool] | None = None
+
+    def matches(self, check: str, spec: Spec, dtype: str, device: str) -> bool:
+        globs = ((self.check, check), (self.case, spec["id"]), (self.dtype, dtype), (self.device, device))
+        return all(fnmatchcase(value, glob) for glob, value in globs) and (
+            self.when is None or self.when(spec)
+        )
+
+    @classmethod
+    def from_pattern(cls, pattern: str, reason: str) -> Divergence:
+        """``check:case:dtype:device`` (each part a glob, trailing parts optional)."""
+        parts = pattern.split(":") + ["*"] * 3
+        return cls(reason, *parts[:4])
+
+
+Divergences = Sequence[Divergence] | Mapping[str, str]
+
+
+def has_empty_rows(spec: Spec) -> bool:
+    """Some query row has no allowed key (where conventions differ most: zeros, NaN or uniform)."""
+    return bool(spec["fully_masked_rows"])
+
+
+def as_divergences(declared: Divergences) -> list[Divergence]:
+    """The declared divergences as a list, whether given as Divergence objects or patterns."""
+    if isinstance(declared, Mapping):
+        return [Divergence.from_pattern(p, r) for p, r in declared.items()]
+    return list(declared)
+
+
+def refusal(adapter: Adapter, spec: Spec, dtype: str, device: str) -> str | None:
+    """Why ``adapter`` cannot run ``spec`` in ``dtype`` on ``device`` here, else None: the one rule
+    every check, probe, fuzz run and benchmark applies (framework installed, device present, the
+    case lists the dtype, the adapter supports it, the adapter can express the case)."""
+    listed = spec.get("dtypes")
+    return (
+        adapter.missing()
+        or adapter.device_unavailable(device)
+        or (
+            f"case {spec['id']} does not list {dtype}" if listed is not None and dtype not in listed else None
+        )
+        or (None if dtype in adapter.dtypes else f"{adapter.name} does not support {dtype}")
+        or adapter.supports(spec, dtype, device)
+    )
 
 
 class Adapter:
@@ -44,7 +107,7 @@ class Adapter:
     framework: ClassVar[str | None] = None
     extra: ClassVar[str | None] = None
     dtypes: ClassVar[tuple[str, ...]] = ALL_DTYPES
-    divergences: ClassVar[dict[str, str]] = {}
+    divergences: ClassVar[Divergences] = ()
     #: A sentence for the README's adapter table: what code path this adapter runs.
     path: ClassVar[str] = ""
     #: Devices the adapter can use where present (``devices()`` says which are here).
@@ -73,25 +136,21 @@ class Adapter:
         """A readable name of the hardware behind ``device``, for reports."""
         return cpu_name() if device == "cpu" else device
 
-    def supports(self, spec: Mapping[str, Any], dtype: str, device: str) -> str | None:
+    def supports(self, spec: Spec, dtype: str, device: str) -> str | None:
         """Why this case cannot be expressed by the implementation, else None."""
         return None
 
-    def prepare(
-        self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str
-    ) -> Prepared:
+    def prepare(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
         """Build the module once for (case, dtype, device); return a callable taking the
         runtime inputs (``query key value`` and ``mask``) and returning the result dict."""
         raise NotImplementedError(f"{type(self).__name__}.prepare is not written")
 
-    def bench(self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str):
-        """Build once for timing and return an ``impls.bench.Bench`` (closures on device
+    def bench(self, case: Arrays, spec: Spec, dtype: str, device: str):
+        """Build once for timing and return an ``mha_conformance.impls.bench.Bench`` (closures on device
         tensors, no host copies); NotImplementedError("why") makes the benchmark a skip."""
         raise NotImplementedError(f"{self.name or type(self).__name__} has no timed path (Adapter.bench)")
 
-    def prepare_backward(
-        self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str
-    ) -> Prepared:
+    def prepare_backward(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
         """Like :meth:`prepare`, for gradients: the callable takes the runtime inputs plus
         ``grad_output`` and returns ``grad_<name>`` arrays (the gradients of
         ``sum(output * grad_output)`` with respect to query, key, value, weights and biases,
@@ -99,20 +158,16 @@ class Adapter:
         implementation cannot differentiate."""
         raise NotImplementedError(f"{self.name} does not compute gradients")
 
-    def prepare_training(
-        self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str
-    ) -> Prepared:
+    def prepare_training(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
         """Like :meth:`prepare`, but the module in training mode (dropout ``spec["dropout"]``
-        active), for the dropout statistics of the convention probes (``conformance/probes.py``).
+        active), for the dropout statistics of the convention probes (``conformance/probes/conventions.py``).
         Optional: the golden checks never call it. Raise NotImplementedError where the
         implementation has no training mode."""
         raise NotImplementedError(
             f"{self.name or type(self).__name__} has no training mode (Adapter.prepare_training)"
         )
 
-    def prepare_decoder(
-        self, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, device: str
-    ) -> Callable[[], Prepared]:
+    def prepare_decoder(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Callable[[], Prepared]:
         """An incremental (KV-cache) mode, for causal self-attention: return a factory that
         starts a new stream with an empty cache; the stream takes one token's ``query key
         value`` ([B, 1, d]) and returns ``{"output": [B, 1, d_out]}`` for that token, attending
@@ -123,17 +178,9 @@ class Adapter:
         """Framework versions to record in reports."""
         return {}
 
-    def divergence(self, check: str, case_id: str, dtype: str, device: str) -> str | None:
+    def divergence(self, check: str, spec: Spec, dtype: str, device: str) -> str | None:
         """The declared reason this test is expected to fail, else None."""
-        return match_divergence(self.divergences, check, case_id, dtype, device)
-
-
-def catalogue_ids(keep: Callable[[dict[str, Any]], bool]) -> list[str]:
-    """Ids of the catalogue cases whose spec satisfies ``keep``: for declaring a divergence over
-    exactly the cases a cause reaches, so none of them shows as a surprise pass."""
-    from vectors.catalogue import CASES
-
-    return [c["id"] for c in CASES if keep(c)]
+        return match_divergence(self.divergences, check, spec, dtype, device)
 
 
 def cpu_name() -> str:
@@ -148,16 +195,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def match_divergence(
-    divergences: Mapping[str, str], check: str, case_id: str, dtype: str, device: str
-) -> str | None:
-    """The reason of the first ``check:case:dtype:device`` pattern that matches, else None."""
-    subject = (check, case_id, dtype, device)
-    for pattern, reason in divergences.items():
-        parts = pattern.split(":")
-        parts += ["*"] * (4 - len(parts))
-        if all(fnmatchcase(s, p) for s, p in zip(subject, parts, strict=True)):
-            return reason
+def match_divergence(divergences: Divergences, check: str, spec: Spec, dtype: str, device: str) -> str | None:
+    """The reason of the first declared divergence that matches, else None."""
+    for divergence in as_divergences(divergences):
+        if divergence.matches(check, spec, dtype, device):
+            return divergence.reason
     return None
 
 
@@ -168,19 +210,19 @@ class FunctionAdapter(Adapter):
         self.fn = fn
         self.name = name  # type: ignore[misc]  # instance names for function adapters
         self.dtypes = tuple(getattr(fn, "dtypes", ALL_DTYPES))  # type: ignore[misc]
-        self.divergences = dict(getattr(fn, "divergences", {}))  # type: ignore[misc]
+        self.divergences = as_divergences(getattr(fn, "divergences", {}))  # type: ignore[misc]
         self._devices = list(getattr(fn, "devices", ["cpu"]))
 
     def devices(self) -> list[str]:
         return self._devices
 
-    def prepare(self, case, spec, dtype, device) -> Prepared:
+    def prepare(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
         def run(inputs: Mapping[str, np.ndarray]) -> Result:
             return self.fn({**case, **inputs}, spec, dtype, device)
 
         return run
 
-    def prepare_backward(self, case, spec, dtype, device) -> Prepared:
+    def prepare_backward(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
         """The simple form's optional backward: ``fn.backward(case, spec, dtype, device)``
         where ``case`` also holds ``grad_output``; returns ``grad_<name>`` arrays."""
         backward = getattr(self.fn, "backward", None)

@@ -11,7 +11,7 @@ records the graph (setup) and returns the timed backward closure, so a forward-o
 benchmark never holds the activations a backward pass needs.
 
 An adapter without a timed path raises ``NotImplementedError("why")`` (the default in
-``impls.adapter.Adapter``): the benchmark is a skip with that reason, never a wrong number.
+``mha_conformance.impls.adapter.Adapter``): the benchmark is a skip with that reason, never a wrong number.
 """
 
 from __future__ import annotations
@@ -72,14 +72,3 @@ def bench_threads() -> int:
     if threads < 1:
         raise ValueError(f"{THREADS_ENV}={raw!r}: use at least 1 thread")
     return threads
-
-
-def refusal(adapter, spec: dict[str, Any], dtype: str, device: str) -> str | None:
-    """Why ``adapter`` cannot time this configuration here (framework, device, dtype, spec), else
-    None: the benchmarks' plan and every timed body refuse by this one rule."""
-    return (
-        adapter.missing()
-        or adapter.device_unavailable(device)
-        or (None if dtype in adapter.dtypes else f"{adapter.name} does not support {dtype}")
-        or adapter.supports(spec, dtype, device)
-    )

@@ -25,7 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from impls.reference import EXACT, PROJECTIONS, Array, backward, forward, merge_heads, split_heads, sum_groups
+from mha_conformance.impls.reference import (
+    EXACT,
+    PROJECTIONS,
+    Array,
+    backward,
+    forward,
+    merge_heads,
+    split_heads,
+    sum_groups,
+)
 
 
 def chain_terms(spec: Mapping[str, Any]) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Running the real suite in a subprocess, as a user would (``python -m pytest conformance ...``)."""
+"""Running the real suite in a subprocess, as a user would (``python -m mha_conformance ...``)."""
 
 from __future__ import annotations
 

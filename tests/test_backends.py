@@ -7,8 +7,10 @@ import logging
 import numpy as np
 import pytest
 
-from conformance import harness
-from conformance.registry import builtin
+from mha_conformance.checks.golden import check_golden
+from mha_conformance.checks.skeleton import CheckRecord
+from mha_conformance.execution import harness
+from mha_conformance.impls.registry import builtin
 
 
 @pytest.mark.parametrize("name", ["jax-sdpa", "flax-mha", "flax-mha-weights"])
@@ -42,7 +44,7 @@ def test_jax_float64_really_runs_in_float64_where_it_can():
     """flax-mha-weights computes its own softmax: float64 must meet the float64 rule there,
     which only holds if x64 mode is on (otherwise JAX silently computes in float32)."""
     pytest.importorskip("flax")
-    record = harness.check_golden(builtin("flax-mha-weights"), "self_basic_b2_t8_d16_h4", "float64", "cpu")
+    record = check_golden(builtin("flax-mha-weights"), "self_basic_b2_t8_d16_h4", "float64", "cpu")
     assert all(v.passed for v in record.verdicts)
     assert {v.tensor for v in record.verdicts} == {"output", "attn_weights"}
 
@@ -51,9 +53,9 @@ def test_jax_sdpa_float64_divergence_reports_the_error_it_reaches():
     """The declared float32-softmax divergence is real and measured: ~1e-7 relative, not NaN."""
     pytest.importorskip("jax")
     adapter = builtin("jax-sdpa")
-    assert adapter.divergence("golden", "self_basic_b2_t8_d16_h4", "float64", "cpu")
-    record = harness.CheckRecord()
+    assert adapter.divergence("golden", harness.load("self_basic_b2_t8_d16_h4").spec, "float64", "cpu")
+    record = CheckRecord()
     with pytest.raises(AssertionError, match="max rel err"):
-        harness.check_golden(adapter, "self_basic_b2_t8_d16_h4", "float64", "cpu", record=record)
+        check_golden(adapter, "self_basic_b2_t8_d16_h4", "float64", "cpu", record=record)
     (verdict,) = record.verdicts
     assert 1e-9 < verdict.max_rel_err < 1e-5

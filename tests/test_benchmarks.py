@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 
 from benchmarks import bench_attention, common, runner
-from conformance import registry
-from impls import reference
-from impls.bench import Bench
-from vectors.generate import build_inputs
+from mha_conformance.impls import reference, registry
+from mha_conformance.impls.bench import Bench
+from mha_conformance.vectors.generate import build_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +91,7 @@ TORCH_ADAPTERS = ["torch-mha", "torch-mha-noweights", "torch-mha-fastpath", "tor
 def test_torch_timed_bodies_match_the_conformance_path(name):
     """The timed body computes what the adapter's conformance path computes, and backprops."""
     pytest.importorskip("torch")
-    from vectors.catalogue import spec as make_spec
+    from mha_conformance.vectors.catalogue import spec as make_spec
 
     spec = make_spec("bench_test", "small", batch=2, q_len=16, d_in=32, num_heads=4, head_dim=8, causal=True)
     inputs = {k: v for k, v in build_inputs(spec).items() if k != "grad_output"}
@@ -150,25 +149,53 @@ def test_plan_selects_what_can_run():
     assert len(runner.plan("cpu", ["torch-sdpa"], ["float32", "bfloat16"])["bench"]) == 12
 
 
-@pytest.mark.skipif(shutil.which("asv") is None and not (Path(sys.executable).parent / "asv").exists(),
-                    reason="asv is not installed: pip install '.[bench]'")  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("asv") is None and not (Path(sys.executable).parent / "asv").exists(),
+    reason="asv is not installed: pip install '.[bench]'",
+)
 def test_asv_quick_smoke(tmp_path):
     """asv discovers the suite and runs one configuration end to end (``--quick``)."""
     pytest.importorskip("torch")
     conf = json.loads((ROOT / "asv.conf.json").read_text())
-    conf.update(repo=str(ROOT), benchmark_dir=str(ROOT / "benchmarks"), env_dir=str(tmp_path / "env"),
-                results_dir=str(tmp_path / "results"), html_dir=str(tmp_path / "html"))  # fmt: skip
+    conf.update(
+        repo=str(ROOT),
+        benchmark_dir=str(ROOT / "benchmarks"),
+        env_dir=str(tmp_path / "env"),
+        results_dir=str(tmp_path / "results"),
+        html_dir=str(tmp_path / "html"),
+    )
     (tmp_path / "asv.conf.json").write_text(json.dumps(conf))
     asv = shutil.which("asv") or str(Path(sys.executable).parent / "asv")
     env = dict(os.environ, HOME=str(tmp_path), ASV_PYTHONPATH=str(ROOT))  # machine file in a throwaway home
     env[common.RUN_CACHE_ENV] = str(tmp_path / "run.json")
     machine = ["--machine", "smoke", "--os", "x", "--arch", "x", "--cpu", "x", "--num_cpu", "1", "--ram", "1"]
-    subprocess.run([asv, "--config", str(tmp_path / "asv.conf.json"), "machine", *machine, "--yes"], env=env,
-                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    subprocess.run(
+        [asv, "--config", str(tmp_path / "asv.conf.json"), "machine", *machine, "--yes"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     selection = runner.param_regex("torch-sdpa", "gpt-t128", "float32", True)
-    done = subprocess.run([asv, "--config", str(tmp_path / "asv.conf.json"), "run", "--python=same", "--quick",
-                           "--machine", "smoke", "--bench", selection, "--show-stderr"],
-                          env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    done = subprocess.run(
+        [
+            asv,
+            "--config",
+            str(tmp_path / "asv.conf.json"),
+            "run",
+            "--python=same",
+            "--quick",
+            "--machine",
+            "smoke",
+            "--bench",
+            selection,
+            "--show-stderr",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     cache = json.loads((tmp_path / "run.json").read_text())
     entry = cache["configs"][common.config_key("torch-sdpa", "gpt-t128", "float32", True, "cpu")]
@@ -187,8 +214,17 @@ def test_a_missing_device_is_a_skip_with_its_reason():
 
 
 def run_gate(storage, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "benchmarks/regression/run.py", "--storage", str(storage), "--adapter", "torch-sdpa",
-           "-k", "transformer-t128", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "benchmarks/regression/run.py",
+        "--storage",
+        str(storage),
+        "--adapter",
+        "torch-sdpa",
+        "-k",
+        "transformer-t128",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conformance import dashboard
-from conformance.report import OUTCOMES
+from mha_conformance.dashboard import page as dashboard
+from mha_conformance.results.report import OUTCOMES
 from tests.history_fixtures import asv_results, small_history
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +60,17 @@ def _driver():
         if CHROMIUM and CHROMEDRIVER:
             options = webdriver.ChromeOptions()
             options.binary_location = CHROMIUM
-            for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        "--no-first-run", "--window-size=1300,1000"):  # fmt: skip
+            for arg in (
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--window-size=1300,1000",
+            ):
                 options.add_argument(arg)
             options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
             return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
@@ -80,8 +88,18 @@ def served(tmp_path):
     expected = small_history(tmp_path / "history")
     asv_results(tmp_path / "results")
     html = tmp_path / "html"
-    cmd = [sys.executable, "-m", "conformance.dashboard", "--history", str(tmp_path / "history"),
-           "--results", str(tmp_path / "results"), "--html", str(html), "--no-publish"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mha_conformance.dashboard.page",
+        "--history",
+        str(tmp_path / "history"),
+        "--results",
+        str(tmp_path / "results"),
+        "--html",
+        str(html),
+        "--no-publish",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("dashboard: skipped") == expected["problems"]  # reported in the log, not fatal
@@ -138,8 +156,8 @@ def test_outcome_columns_are_the_reports():
 
 
 def test_conventions_section_shows_probe_verdicts_and_reports_bad_files(tmp_path):
-    from conformance.dashboard import build_page
-    from conformance.probes import COLUMNS
+    from mha_conformance.dashboard.page import build_page
+    from mha_conformance.probes.conventions import COLUMNS
 
     history_dir = tmp_path / "results" / "conformance"
     history_dir.mkdir(parents=True)

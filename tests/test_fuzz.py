@@ -13,26 +13,47 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fuzz(adapter: str, db: Path, examples: int, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pytest", "conformance/fuzz_attention.py", "-p", "no:cacheprovider", "-q",
-           "--adapter", adapter, "--fuzz-examples", str(examples)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "mha_conformance.plugin",
+        "--pyargs",
+        "mha_conformance.fuzzing.fuzz_attention",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "--adapter",
+        adapter,
+        "--fuzz-examples",
+        str(examples),
+    ]
     env = {**os.environ, "MHA_FUZZ_DB": str(db), **(env_extra or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_a_correct_implementation_survives_fuzzing(tmp_path):
-    res = fuzz("impls.mutants:Correct", tmp_path / "db", 25)
+    res = fuzz("mha_conformance.impls.variants.mutants:Correct", tmp_path / "db", 25)
     assert res.returncode == 0, res.stdout[-3000:]
 
 
 def test_fuzzing_catches_shrinks_and_reproduces_a_bug(tmp_path):
     db = tmp_path / "db"
-    res = fuzz("impls.mutants:CausalOffByOne", db, 60)
+    res = fuzz("mha_conformance.impls.variants.mutants:CausalOffByOne", db, 60)
     assert res.returncode == 1, res.stdout[-3000:]
     match = re.search(r"Reproduce: MHA_FUZZ_SPEC=('.*?') python -m pytest", res.stdout)
     assert match, res.stdout[-3000:]
     spec = shlex.split(match.group(1))[0]
     assert '"causal": true' in spec  # shrunk to a spec that still shows the bug
-    again = fuzz("impls.mutants:CausalOffByOne", tmp_path / "other", 1, {"MHA_FUZZ_SPEC": spec})
-    assert again.returncode == 1 and "mutant-causal-off-by-one on drawn spec" in again.stdout
-    remembered = fuzz("impls.mutants:CausalOffByOne", db, 1)  # one example: only the saved failure
+    again = fuzz(
+        "mha_conformance.impls.variants.mutants:CausalOffByOne",
+        tmp_path / "other",
+        1,
+        {"MHA_FUZZ_SPEC": spec},
+    )
+    assert again.returncode == 1 and "mutant-causal-off-by-one on cpu in float32, case fuzz_" in again.stdout
+    remembered = fuzz(
+        "mha_conformance.impls.variants.mutants:CausalOffByOne", db, 1
+    )  # one example: only the saved failure
     assert remembered.returncode == 1, remembered.stdout[-2000:]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conformance.gradients import check_gradients
-from conformance.harness import InProcess, load
-from conformance.registry import as_adapter, builtin
-from conformance.tolerance import judge
-from impls import reference
+from mha_conformance.checks.gradients import check_gradients
+from mha_conformance.execution.harness import InProcess, load
+from mha_conformance.impls import reference
+from mha_conformance.impls.registry import as_adapter, builtin
+from mha_conformance.tolerance import judge_tensor
 
 CASES = ["self_basic_b2_t8_d16_h4", "gqa_h8_kv2", "causal_long_t512_h2_hd8", "cross_kdim6_vdim10_din8"]
 
@@ -77,13 +77,6 @@ def head_by_head_backward(spec: dict, t: dict, g: np.ndarray, *, scale=None, flo
     return grads
 
 
-def verdict(case, name, actual, dtype):
-    return judge(
-        actual, case.tensors[name], tensor=name, dtype=dtype, baseline=case.baseline[dtype][name],
-        error_scale=case.baseline["error_scale"][name],
-    )  # fmt: skip
-
-
 # ---------------------------------------------------------------- the emulated backward
 
 
@@ -140,7 +133,7 @@ def test_float64_backward_in_another_summation_order_passes(case_id):
     case = load(case_id)
     grads = head_by_head_backward(case.spec, case.tensors, case.tensors["grad_output"])
     for name in case.spec["gradients"]:
-        v = verdict(case, name, grads[name], "float64")
+        v = judge_tensor(grads[name], case, name, "float64")
         assert v.passed and v.ratio < 0.25, v.describe()  # 8x inside the limit
 
 
@@ -151,7 +144,7 @@ def test_float64_backward_with_one_float32_step_fails(case_id):
     grads = head_by_head_backward(
         case.spec, case.tensors, case.tensors["grad_output"], float32_softmax_backward=True
     )
-    failed = [n for n in ("grad_query", "grad_key") if not verdict(case, n, grads[n], "float64").passed]
+    failed = [n for n in ("grad_query", "grad_key") if not judge_tensor(grads[n], case, n, "float64").passed]
     assert failed == ["grad_query", "grad_key"]
 
 
@@ -184,7 +177,7 @@ def test_backward_of_an_unscaled_forward_fails_with_a_reproduce_line():
     text = str(failure.value)
     assert "grad_query: max abs err" in text and "grad_w_q" in text
     assert (
-        "Reproduce: python -m pytest conformance/test_gradients.py --adapter head-by-head --device cpu "
+        "Reproduce: python -m mha_conformance -k 'test_gradients' --adapter head-by-head --device cpu "
         "--dtype float32 --case self_basic_b2_t8_d16_h4" in text
     )
 
@@ -202,7 +195,7 @@ def test_missing_and_invented_gradients_fail():
     attention.backward = backward
     with pytest.raises(AssertionError) as failure:
         check_gradients(as_adapter(attention, "sloppy"), "bias_out_only", "float64", "cpu")
-    assert "missing gradients: grad_w_o" in str(failure.value)
+    assert "'grad_w_o' is missing from the result" in str(failure.value)
     assert "returned grad_b_q for tensors the case does not have" in str(failure.value)
 
 

@@ -7,15 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from conformance import asv_results, history
+from mha_conformance.dashboard import asv_results
+from mha_conformance.results import history
 from tests.history_fixtures import asv_results as make_asv_results
 from tests.history_fixtures import record, small_history, write_run
 
 
 def test_parse_name():
     assert history.parse_name("20261123T212307Z_b23cf4b45169-dirty_1617c4f8.json") == {
-        "time": "20261123T212307Z", "commit": "b23cf4b45169-dirty", "token": "1617c4f8",
-    }  # fmt: skip
+        "time": "20261123T212307Z",
+        "commit": "b23cf4b45169-dirty",
+        "token": "1617c4f8",
+    }
     assert history.parse_name("notes.json") is None
     assert history.parse_name("20261123T212307Z_abc_XYZ.json") is None
 
@@ -57,12 +60,17 @@ def test_latest_matrix_takes_the_newest_run_per_cell(tmp_path):
 
 
 def test_cell_tests_put_failures_first(tmp_path):
-    write_run(tmp_path, "2026-01-01T10:00:00+00:00", "alpha", [
-        record("x", "float32", "a_case", "passed", 0.1),
-        record("x", "float32", "b_case", "skipped"),
-        record("x", "float32", "c_case", "failed", 9.0),
-        record("x", "float32", "d_case", "passed", 1.2),
-    ])  # fmt: skip
+    write_run(
+        tmp_path,
+        "2026-01-01T10:00:00+00:00",
+        "alpha",
+        [
+            record("x", "float32", "a_case", "passed", 0.1),
+            record("x", "float32", "b_case", "skipped"),
+            record("x", "float32", "c_case", "failed", 9.0),
+            record("x", "float32", "d_case", "passed", 1.2),
+        ],
+    )
     runs, _ = history.read_history(tmp_path)
     tests = history.cell_tests(runs, history.latest_matrix(runs)[0])
     assert [t["case"] for t in tests] == ["c_case", "d_case", "a_case", "b_case"]
@@ -127,8 +135,13 @@ def test_asv_points_and_newest_figure_wins(tmp_path):
     points, problems = asv_results.read_points(tmp_path, ["adapter", "shape", "dtype", "causal"])
     assert len(problems) == 1 and "broken-existing-py.json" in problems[0]
     latest = asv_results.latest_points(points)
-    mha = [p for p in latest if p.machine == "alpha-cpu" and p.benchmark.endswith("time_forward")
-           and p.params == {"adapter": "torch-mha", "shape": "gpt-t128", "dtype": "float32", "causal": "True"}]  # fmt: skip
+    mha = [
+        p
+        for p in latest
+        if p.machine == "alpha-cpu"
+        and p.benchmark.endswith("time_forward")
+        and p.params == {"adapter": "torch-mha", "shape": "gpt-t128", "dtype": "float32", "causal": "True"}
+    ]
     assert [(p.value, p.commit) for p in mha] == [(0.5, "def456")]
 
 
@@ -139,8 +152,11 @@ def test_merge_result_file_keeps_the_newer_measurement():
         "results": {"a": [1.0, [], "1", 100], "b": [2.0, [], "1", 100]},
         "durations": {},
     }
-    new = {"result_columns": columns, "results": {"a": [9.0, [], "1", 50], "b": [8.0, [], "1", 200],
-                                                  "c": [7.0, [], "1", 10]}, "durations": {"<build>": 1}}  # fmt: skip
+    new = {
+        "result_columns": columns,
+        "results": {"a": [9.0, [], "1", 50], "b": [8.0, [], "1", 200], "c": [7.0, [], "1", 10]},
+        "durations": {"<build>": 1},
+    }
     merged = asv_results.merge_result_file(old, new)
     assert {k: v[0] for k, v in merged["results"].items()} == {"a": 1.0, "b": 8.0, "c": 7.0}
     with pytest.raises(ValueError, match="different asv result formats"):

@@ -1,4 +1,4 @@
-"""The JAX adapters' timed bodies (``impls/jax_bench.py``), their thread pinning, training mode
+"""The JAX adapters' timed bodies (``impls/jax/timed.py``), their thread pinning, training mode
 and the process-wide jit cache they share with the conformance path."""
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance import harness
-from conformance.properties import head_permutation
-from conformance.registry import builtin
-from vectors.generate import build_inputs
+from mha_conformance.checks.properties import head_permutation
+from mha_conformance.execution import harness
+from mha_conformance.impls.registry import builtin
+from mha_conformance.vectors.generate import build_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 JAX_ADAPTERS = ["jax-sdpa", "flax-mha", "flax-mha-weights"]
 
 
 def small_spec():
-    from vectors.catalogue import spec as make_spec
+    from mha_conformance.vectors.catalogue import spec as make_spec
 
     return make_spec("bench_test", "small", batch=2, q_len=16, d_in=32, num_heads=4, head_dim=8, causal=True)
 
@@ -100,9 +100,9 @@ def test_jax_bench_fixes_xla_cpu_threads_in_a_fresh_process():
     pytest.importorskip("jax")
     script = (
         "import json, os\n"
-        "from conformance.registry import builtin\n"
+        "from mha_conformance.impls.registry import builtin\n"
         "from tests.test_jax_bench import small_spec\n"
-        "from vectors.generate import build_inputs\n"
+        "from mha_conformance.vectors.generate import build_inputs\n"
         "spec = small_spec()\n"
         "inputs = {k: v for k, v in build_inputs(spec).items() if k != 'grad_output'}\n"
         "adapter = builtin('jax-sdpa')\n"
@@ -124,10 +124,10 @@ def test_jax_bench_fixes_xla_cpu_threads_in_a_fresh_process():
 
 
 def test_flax_training_mode_drops_and_rescales():
-    """The dropout statistics (conformance/dropout.py) on flax-mha: a fraction near p, kept
+    """The dropout statistics (conformance/probes/dropout.py) on flax-mha: a fraction near p, kept
     weights rescaled by 1/(1-p), a new draw per call, and eval mode untouched."""
     pytest.importorskip("flax")
-    from conformance.dropout import check_dropout, dropout_case, dropout_spec
+    from mha_conformance.probes.dropout import check_dropout, dropout_case, dropout_spec
 
     result = check_dropout(builtin("flax-mha"))
     assert result["verdict"] == "ok", result["detail"]

@@ -1,4 +1,4 @@
-"""The Keras adapters' timed bodies (``impls/keras_bench.py``) and training mode, per backend.
+"""The Keras adapters' timed bodies (``impls/keras/timed.py``) and training mode, per backend.
 
 Keras picks its backend once per process, from ``KERAS_BACKEND`` at import. The checks below
 run for the adapters of the backend this process runs; ``test_each_keras_backend`` runs them
@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance import registry
-from conformance.dropout import check_dropout
-from conformance.tolerance import judge
-from impls import reference
-from impls.bench import bench_threads
-from impls.error_model import case_error_scales
-from vectors.catalogue import spec as make_spec
-from vectors.generate import build_inputs, ensemble_errors
+from mha_conformance.impls import reference, registry
+from mha_conformance.impls.bench import bench_threads
+from mha_conformance.impls.error_model import case_error_scales
+from mha_conformance.probes.dropout import check_dropout
+from mha_conformance.tolerance import judge
+from mha_conformance.vectors.catalogue import spec as make_spec
+from mha_conformance.vectors.generate import build_inputs, ensemble_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = {
@@ -46,7 +45,7 @@ CHECKS = 3
 
 
 def running_backend() -> str:
-    return os.environ.get("KERAS_BACKEND", "tensorflow")  # as impls.keras_mha.keras() decides
+    return os.environ.get("KERAS_BACKEND", "tensorflow")  # as impls/keras/backend.import_keras() decides
 
 
 def missing(backend: str) -> str | None:
@@ -75,10 +74,24 @@ def test_each_keras_backend(backend):
         pytest.skip(f"this process runs Keras on {backend}: the checks below ran here")
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     child = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-k", "not test_each_keras_backend", "-q", "-rs",
-         "-p", "no:cacheprovider"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            __file__,
+            "-k",
+            "not test_each_keras_backend",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     report = child.stdout[-6000:] + child.stderr[-2000:]
     assert child.returncode == 0, f"KERAS_BACKEND={backend}: the checks failed:\n{report}"
     passed = re.search(r"(\d+) passed", report)
@@ -103,7 +116,7 @@ def test_timed_body_matches_the_conformance_path(name):
     """The timed forward computes what the conformance path computes; the backward runs and
     its input gradient meets the suite's rule; matmul multiplies; threads are recorded."""
     adapter = here(name)
-    from impls.keras_bench import upstream_gradient
+    from mha_conformance.impls.keras.timed import upstream_gradient
 
     spec, inputs = small_case()
     bench = adapter.bench(inputs, spec, "float32", "cpu")
@@ -118,8 +131,14 @@ def test_timed_body_matches_the_conformance_path(name):
     want = {"output": truth.output, **{f"grad_{n}": exact[f"grad_{n}"] for n in ("query", "key", "value")}}
     baselines = ensemble_errors(inputs, spec, "float32", want, g)[0]
     scales = case_error_scales(inputs, spec, g, [f"grad_{n}" for n in ("query", "key", "value")])
-    verdict = judge(got, truth.output, tensor="output", dtype="float32", baseline=baselines["output"],
-                    error_scale=scales["output"])  # fmt: skip
+    verdict = judge(
+        got,
+        truth.output,
+        tensor="output",
+        dtype="float32",
+        baseline=baselines["output"],
+        error_scale=scales["output"],
+    )
     assert verdict.passed, verdict.describe()
     if BACKEND_OF[name] in BITWISE:
         np.testing.assert_array_equal(got, expected)
@@ -139,8 +158,14 @@ def test_timed_body_matches_the_conformance_path(name):
         "rms_magnitude": sum(scales[n]["rms_magnitude"] for n in names),
     }
     gap = sum(baselines[n] for n in names)
-    grad_verdict = judge(bench.to_numpy(leaves(grads)[0]), total, tensor="grad_query+key+value",
-                         dtype="float32", baseline=gap, error_scale=worst)  # fmt: skip
+    grad_verdict = judge(
+        bench.to_numpy(leaves(grads)[0]),
+        total,
+        tensor="grad_query+key+value",
+        dtype="float32",
+        baseline=gap,
+        error_scale=worst,
+    )
     assert grad_verdict.passed, grad_verdict.describe()
 
     product = bench.matmul(8)()
@@ -154,7 +179,7 @@ def test_timed_body_matches_the_conformance_path(name):
 @pytest.mark.parametrize("name", EVERY_ADAPTER)
 def test_training_mode_passes_the_dropout_statistics(name):
     """``prepare_training`` drops about p of the weights and rescales the rest by 1/(1-p);
-    eval mode drops nothing (``conformance/dropout.py``)."""
+    eval mode drops nothing (``conformance/probes/dropout.py``)."""
     result = check_dropout(here(name))
     assert result["verdict"] == "ok", result["detail"]
 

@@ -16,10 +16,13 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from conformance.harness import CheckRecord, cast_inputs, check_golden, load  # noqa: E402
-from impls import onnx_common  # noqa: E402
-from impls.onnx_attention import OnnxAttention, attention_model  # noqa: E402
-from impls.onnx_contrib import OnnxContribMHA  # noqa: E402
+from mha_conformance.checks.golden import check_golden  # noqa: E402
+from mha_conformance.checks.skeleton import CheckRecord  # noqa: E402
+from mha_conformance.execution.harness import cast_inputs, load  # noqa: E402
+from mha_conformance.impls.onnx import common as onnx_common  # noqa: E402
+from mha_conformance.impls.onnx import runtime as onnx_runtime  # noqa: E402
+from mha_conformance.impls.onnx.attention import OnnxAttention, attention_model  # noqa: E402
+from mha_conformance.impls.onnx.contrib import OnnxContribMHA  # noqa: E402
 from tests import runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +78,7 @@ def test_missing_kernels_are_reasons_not_results():
 def test_a_result_is_never_labelled_cuda_when_cpu_ran_it():
     """The node-placement check that guards a cuda session (onnxruntime-gpu places nodes it
     cannot run on CUDA on the CPU provider without a word)."""
-    session = object.__new__(onnx_common.Session)
+    session = object.__new__(onnx_runtime.Session)
     session.device, session.kernel, session.what, session.meta = "cuda", ("Attention", ""), "t", {}
     with pytest.raises(NotImplementedError, match="never reported as cuda"):
         session._check([("MatMul", "CUDAExecutionProvider"), ("Attention", "CPUExecutionProvider")])
@@ -95,7 +98,7 @@ def test_cuda_without_onnxruntime_gpu_is_a_skip_naming_the_extra():
 
 def test_cache_key_follows_what_the_model_depends_on():
     pytest.importorskip("torch")
-    from impls.onnx_export import cache_key
+    from mha_conformance.impls.onnx.export import cache_key
 
     c = load("bias_none")
     case = cast_inputs(c, "float32")
@@ -135,7 +138,7 @@ def test_second_run_exports_nothing(tmp_path):
     assert not any(p.name.endswith(".tmp") for p in cache.iterdir())
 
 
-# --- the timed path (Adapter.bench, impls/onnx_bench.py) ---------------------------------
+# --- the timed path (Adapter.bench, impls/onnx/timed.py) ---------------------------------
 
 ONNX_ADAPTERS = ["onnx-export", "onnx-export-attention", "onnx-attention", "onnx-contrib-mha"]
 
@@ -149,10 +152,10 @@ def test_onnx_timed_bodies_match_the_conformance_path(name, tmp_path, monkeypatc
         pytest.importorskip("torch")
         pytest.importorskip("onnxscript")
         monkeypatch.setenv("MHA_ONNX_CACHE", str(tmp_path))
-    from conformance import registry
-    from impls.bench import bench_threads
-    from vectors.catalogue import spec as make_spec
-    from vectors.generate import build_inputs
+    from mha_conformance.impls import registry
+    from mha_conformance.impls.bench import bench_threads
+    from mha_conformance.vectors.catalogue import spec as make_spec
+    from mha_conformance.vectors.generate import build_inputs
 
     spec = make_spec("bench_test", "small", batch=2, q_len=16, d_in=32, num_heads=4, head_dim=8, causal=True)
     inputs = {k: v for k, v in build_inputs(spec).items() if k != "grad_output"}
@@ -177,8 +180,8 @@ def test_onnx_timed_bodies_match_the_conformance_path(name, tmp_path, monkeypatc
 
 def test_timed_path_refuses_what_the_kernel_cannot_run():
     """bfloat16 on the CPU provider has no Attention kernel: a reason, not a timing."""
-    from vectors.catalogue import spec as make_spec
-    from vectors.generate import build_inputs
+    from mha_conformance.vectors.catalogue import spec as make_spec
+    from mha_conformance.vectors.generate import build_inputs
 
     spec = make_spec("bench_test", "small", batch=1, q_len=8, d_in=16, num_heads=2, head_dim=8, causal=True)
     inputs = build_inputs(spec)
@@ -194,8 +197,8 @@ def test_decoder_streams_grow_their_cache_from_empty(adapter):
     """Each stream starts with a zero-length past and the presents come back as the next past;
     a stream whose cache is dropped after every step (each token then attends only itself)
     is caught by the same comparison, so the check can fail."""
-    from conformance.harness import decode_tokens, runtime_inputs
-    from conformance.tolerance import judge
+    from mha_conformance.execution.harness import decode_tokens, runtime_inputs
+    from mha_conformance.tolerance import judge
 
     case = load("self_causal_b2_t8_d16_h4")
     new_stream = adapter.prepare_decoder(cast_inputs(case, "float32"), case.spec, "float32", "cpu")
@@ -211,9 +214,13 @@ def test_decoder_streams_grow_their_cache_from_empty(adapter):
 
     def verdict(outputs):
         return judge(
-            outputs, case.tensors["output"], tensor="output", dtype="float32",
-            baseline=case.baseline["float32"]["output"], error_scale=case.baseline["error_scale"]["output"],
-        )  # fmt: skip
+            outputs,
+            case.tensors["output"],
+            tensor="output",
+            dtype="float32",
+            baseline=case.baseline["float32"]["output"],
+            error_scale=case.baseline["error_scale"]["output"],
+        )
 
     assert verdict(decode_tokens(new_stream, runtime)["output"]).passed
 

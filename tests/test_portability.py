@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance.sensitivity import ordinary
-from conformance.tolerance import judge
-from impls import reference
-from impls.valid_orders import VALID_ORDERS
+from mha_conformance.audit.sensitivity import ordinary
+from mha_conformance.impls import reference
+from mha_conformance.impls.variants.valid_orders import VALID_ORDERS
+from mha_conformance.tolerance import judge
+from mha_conformance.vectors import golden
 from tests import runs
 from tests.test_suite import readme_example
-from vectors import golden
 
 
 def test_every_valid_order_passes_every_case_at_half_the_limit(tmp_path):
@@ -25,11 +25,22 @@ def test_every_valid_order_passes_every_case_at_half_the_limit(tmp_path):
     forward and gradients, on every case. The default k = 2 leaves the other half for what no
     emulation covers (another machine's kernels)."""
     report = tmp_path / "valid.json"
-    adapters = [a for cls in VALID_ORDERS for a in ("--adapter", f"impls.valid_orders:{cls.__name__}")]
+    adapters = [
+        a
+        for cls in VALID_ORDERS
+        for a in ("--adapter", f"mha_conformance.impls.variants.valid_orders:{cls.__name__}")
+    ]
     res = runs.run_suite(
-        "conformance/test_gradients.py", "--isolation", "none", "--k-factor", "1", "--report", str(report),
-        *adapters, timeout=900,
-    )  # fmt: skip
+        "conformance/test_gradients.py",
+        "--isolation",
+        "none",
+        "--k-factor",
+        "1",
+        "--report",
+        str(report),
+        *adapters,
+        timeout=900,
+    )
     tests = json.loads(report.read_text())["tests"]
     outcomes = Counter(t["outcome"] for t in tests)
     assert res.returncode == 0 and set(outcomes) == {"passed"}, (outcomes, res.stdout[-4000:])
@@ -57,9 +68,13 @@ def test_one_float32_step_in_a_float64_call_fails_every_ordinary_case(case_id):
             continue
         rounded = case.tensors[name].astype(np.float32).astype(np.float64)
         verdict = judge(
-            rounded, case.tensors[name], tensor=name, dtype="float64", baseline=case.baseline["float64"][name],
+            rounded,
+            case.tensors[name],
+            tensor=name,
+            dtype="float64",
+            baseline=case.baseline["float64"][name],
             error_scale=case.baseline["error_scale"][name],
-        )  # fmt: skip
+        )
         assert not verdict.passed, (name, verdict.describe())
 
 
@@ -84,23 +99,36 @@ def test_the_readme_example_passes_the_whole_suite(tmp_path: Path):
     report = tmp_path / "r.json"
     env = {"PYTHONPATH": f"{tmp_path}:{runs.ROOT}", "PATH": "/usr/bin:/bin"}
     res = runs.run_suite(
-        "--adapter", "my_attention:attention", "--isolation", "none", "--report", str(report),
-        test="conformance", env=env,
-    )  # fmt: skip
+        "--adapter",
+        "my_attention:attention",
+        "--isolation",
+        "none",
+        "--report",
+        str(report),
+        test="conformance",
+        env=env,
+    )
     outcomes = Counter(t["outcome"] for t in json.loads(report.read_text())["tests"])
     assert res.returncode == 0, res.stdout[-3000:]
     assert outcomes["failed"] == 0 and outcomes["xfailed"] == 0 and outcomes["passed"] > 100, outcomes
     assert outcomes["finding"] > 0 and "Advisory findings" in res.stdout
     strict = runs.run_suite(
-        "--adapter", "my_attention:attention", "--isolation", "none", "--strict", "-k", "masked-poison",
-        test="conformance", env=env,
-    )  # fmt: skip
+        "--adapter",
+        "my_attention:attention",
+        "--isolation",
+        "none",
+        "--strict",
+        "-k",
+        "masked-poison",
+        test="conformance",
+        env=env,
+    )
     assert strict.returncode == 1, strict.stdout[-3000:]
 
 
 def test_the_docs_name_every_ensemble_member_and_the_constant():
     text = (runs.ROOT / "docs" / "tolerance.md").read_text()
-    from conformance.tolerance import FLOOR_C
+    from mha_conformance.tolerance import FLOOR_C
 
     assert all(f"| `{a.name}` |" in text for a in reference.ENSEMBLE)
     assert f"c = 1/{round(1 / FLOOR_C)}" in text

@@ -1,6 +1,6 @@
 """Convention probes and the dropout statistics: each names the convention that was built in.
 
-The mutants (``impls/mutants.py``) are implementations whose conventions are known by
+The mutants (``impls/variants/mutants.py``) are implementations whose conventions are known by
 construction, so they test the probes: the twin must read as the reference everywhere, each
 convention mutant as its own convention.
 """
@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance import dropout, probes
-from impls import mutants
-from impls.adapter import FunctionAdapter
-from impls.conventions import Convention, attention
+from mha_conformance.impls.adapter import FunctionAdapter
+from mha_conformance.impls.variants import mutants
+from mha_conformance.impls.variants.conventions import Convention, attention
+from mha_conformance.probes import conventions as probes
+from mha_conformance.probes import dropout
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_ROW = {
@@ -95,7 +96,7 @@ def test_binomial_bounds_and_the_dropout_verdict():
 
 def test_torch_adapters_probe_and_pass_the_dropout_statistics():
     pytest.importorskip("torch")
-    from conformance import registry
+    from mha_conformance.impls import registry
 
     mha, sdpa = registry.resolve(["torch-mha", "torch-sdpa"])
     got = verdicts(mha)
@@ -109,9 +110,9 @@ def test_cli_writes_json_and_merges_markdown(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "conformance.probes",
+        "mha_conformance.probes.conventions",
         "--adapter",
-        "impls.mutants:GqaTiled",
+        "mha_conformance.impls.variants.mutants:GqaTiled",
         "--json",
         str(out),
     ]
@@ -121,6 +122,12 @@ def test_cli_writes_json_and_merges_markdown(tmp_path):
     assert doc["format_version"] == probes.FORMAT_VERSION
     entry = doc["adapters"]["mutant-gqa-tiled"]["probes"]["gqa_head_order"]
     assert entry["verdict"] == "h % kv_heads" and set(entry["distance"]) == {"h // group", "h % kv_heads"}
-    res = subprocess.run([sys.executable, "-m", "conformance.probes", "--markdown", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "mha_conformance.probes.conventions", "--markdown", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert "| `mutant-gqa-tiled` |" in res.stdout and "h % kv_heads" in res.stdout

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from impls import reference
+from mha_conformance.impls import reference
+from mha_conformance.vectors import golden
+from mha_conformance.vectors.catalogue import spec
+from mha_conformance.vectors.generate import build_inputs
 from tests.loop_impls import per_head, per_token
-from vectors import golden
-from vectors.catalogue import spec
-from vectors.generate import build_inputs
 
 
 def test_seed_wrapper_example_by_hand():

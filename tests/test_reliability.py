@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance import report
+from mha_conformance.results import report
+from mha_conformance.vectors import golden
 from tests.runs import run_suite
-from vectors import golden
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = "mask_random_per_head"
@@ -63,22 +63,55 @@ def _spec_edit(field, value):
 
 
 CORRUPTIONS = {
-    "truncated": (lambda s: (s / f"{CASE}.safetensors").write_bytes((s / f"{CASE}.safetensors").read_bytes()[:-500]), "sha256"),
+    "truncated": (
+        lambda s: (s / f"{CASE}.safetensors").write_bytes((s / f"{CASE}.safetensors").read_bytes()[:-500]),
+        "sha256",
+    ),
     "flipped byte": (lambda s: _flip(s / f"{CASE}.safetensors"), "sha256"),
-    "truncated and re-hashed": (lambda s: rewrite(s, CASE, raw=(s / f"{CASE}.safetensors").read_bytes()[:-500]), "cannot be read"),
+    "truncated and re-hashed": (
+        lambda s: rewrite(s, CASE, raw=(s / f"{CASE}.safetensors").read_bytes()[:-500]),
+        "cannot be read",
+    ),
     "missing tensor": (lambda s: rewrite(s, CASE, tensors=lambda t: t.pop("w_k")), "missing tensors ['w_k']"),
-    "wrong dtype": (lambda s: rewrite(s, CASE, tensors=lambda t: t.update(output=t["output"].astype(np.float32))), "tensor 'output'"),
-    "wrong shape": (lambda s: rewrite(s, CASE, tensors=lambda t: t.update(query=t["query"][:, :-1])), "tensor 'query'"),
-    "malformed spec JSON": (lambda s: rewrite(s, CASE, metadata=lambda m: m.update(spec="{not json")), "'spec' is not valid JSON"),
-    "missing baseline": (lambda s: rewrite(s, CASE, metadata=lambda m: m.pop("baseline")), "has no 'baseline'"),
-    "spec lacks a key": (lambda s: rewrite(s, CASE, metadata=lambda m: m.update(spec=json.dumps({"id": CASE}))), "spec lacks"),
-    "spec of another case": (lambda s: rewrite(s, CASE, metadata=_spec_edit("id", "bias_none")), "holds case 'bias_none'"),
-    "format version": (lambda s: rewrite(s, CASE, metadata=lambda m: m.update(format_version="99")), "format_version '99'"),
+    "wrong dtype": (
+        lambda s: rewrite(s, CASE, tensors=lambda t: t.update(output=t["output"].astype(np.float32))),
+        "tensor 'output'",
+    ),
+    "wrong shape": (
+        lambda s: rewrite(s, CASE, tensors=lambda t: t.update(query=t["query"][:, :-1])),
+        "tensor 'query'",
+    ),
+    "malformed spec JSON": (
+        lambda s: rewrite(s, CASE, metadata=lambda m: m.update(spec="{not json")),
+        "'spec' is not valid JSON",
+    ),
+    "missing baseline": (
+        lambda s: rewrite(s, CASE, metadata=lambda m: m.pop("baseline")),
+        "has no 'baseline'",
+    ),
+    "spec lacks a key": (
+        lambda s: rewrite(s, CASE, metadata=lambda m: m.update(spec=json.dumps({"id": CASE}))),
+        "spec lacks",
+    ),
+    "spec of another case": (
+        lambda s: rewrite(s, CASE, metadata=_spec_edit("id", "bias_none")),
+        "holds case 'bias_none'",
+    ),
+    "format version": (
+        lambda s: rewrite(s, CASE, metadata=lambda m: m.update(format_version="99")),
+        "format_version '99'",
+    ),
     "oversized header": (lambda s: rewrite(s, CASE, raw=struct.pack("<Q", 1 << 40) + b"{}"), "header claims"),
-    "header not JSON": (lambda s: rewrite(s, CASE, raw=struct.pack("<Q", 4) + b"nope"), "header is not valid JSON"),
-    "manifest hash differs": (lambda s: _edit_manifest(s, lambda m: m["cases"][CASE].update(sha256="0" * 64)), "the manifest says"),
+    "header not JSON": (
+        lambda s: rewrite(s, CASE, raw=struct.pack("<Q", 4) + b"nope"),
+        "header is not valid JSON",
+    ),
+    "manifest hash differs": (
+        lambda s: _edit_manifest(s, lambda m: m["cases"][CASE].update(sha256="0" * 64)),
+        "the manifest says",
+    ),
     "file missing": (lambda s: (s / f"{CASE}.safetensors").unlink(), "is missing"),
-}  # fmt: skip
+}
 
 
 def _flip(path: Path) -> None:
@@ -101,15 +134,17 @@ def test_every_corruption_is_named_before_anything_runs(kind, store):
         golden.load_case(CASE, store)
     message = str(err.value)
     assert CASE in message and expected in message, message
-    assert "python -m vectors generate" in message  # says what to do
+    assert "python -m mha_conformance.vectors generate" in message  # says what to do
 
 
 @pytest.mark.parametrize("problem", ["manifest not JSON", "manifest without cases", "manifest missing"])
 def test_a_broken_manifest_is_named(problem, store):
     manifest = store / golden.MANIFEST
-    {"manifest not JSON": lambda: manifest.write_text("{"),
-     "manifest without cases": lambda: manifest.write_text("{}"),
-     "manifest missing": manifest.unlink}[problem]()  # fmt: skip
+    {
+        "manifest not JSON": lambda: manifest.write_text("{"),
+        "manifest without cases": lambda: manifest.write_text("{}"),
+        "manifest missing": manifest.unlink,
+    }[problem]()
     with pytest.raises(golden.VectorError, match="manifest"):
         golden.case_ids(store)
 
@@ -168,8 +203,18 @@ def test_faulty_adapters_fail_their_tests_and_the_run_goes_on(tmp_path):
     pytest.importorskip("torch")  # returns_tensor returns a real framework tensor
     report_path = tmp_path / "r.json"
     adapters = [arg for name in [*FAULTS, "good"] for arg in ("--adapter", f"tests.faulty_adapters:{name}")]
-    res = run_suite(*adapters, "--case", "self_basic_b2_t8_d16_h4", "--dtype", "float32",
-                    "--case-timeout", "3", "--report", str(report_path), timeout=900)  # fmt: skip
+    res = run_suite(
+        *adapters,
+        "--case",
+        "self_basic_b2_t8_d16_h4",
+        "--dtype",
+        "float32",
+        "--case-timeout",
+        "3",
+        "--report",
+        str(report_path),
+        timeout=900,
+    )
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(report_path.read_text())
     outcomes = {t["adapter"].split(":")[1]: t for t in data["tests"]}
@@ -181,19 +226,29 @@ def test_faulty_adapters_fail_their_tests_and_the_run_goes_on(tmp_path):
             outcomes[name]["reason"],
         )
         assert message in outcomes[name]["reason"], (name, outcomes[name]["reason"])
-        assert "Reproduce: python -m pytest conformance/test_golden.py" in outcomes[name]["reason"]
+        assert "Reproduce: python -m mha_conformance -k 'test_golden'" in outcomes[name]["reason"]
 
 
 def test_a_fault_in_process_still_fails_only_its_test():
-    res = run_suite("--isolation", "none", "--adapter", "tests.faulty_adapters:raises",
-                    "--adapter", "tests.faulty_adapters:good", "--case", "bias_none", "--dtype", "float64")  # fmt: skip
+    res = run_suite(
+        "--isolation",
+        "none",
+        "--adapter",
+        "tests.faulty_adapters:raises",
+        "--adapter",
+        "tests.faulty_adapters:good",
+        "--case",
+        "bias_none",
+        "--dtype",
+        "float64",
+    )
     assert res.returncode == 1
     assert "1 failed, 1 passed" in res.stdout
 
 
 def test_torch_results_on_the_wrong_device_are_refused():
     torch = pytest.importorskip("torch")
-    from impls.torch_common import to_numpy
+    from mha_conformance.impls.torch.convert import to_numpy
 
     with pytest.raises(RuntimeError, match="result is on cpu, but the test asked for cuda"):
         to_numpy(torch.zeros(2), "float32", "cuda")
@@ -230,8 +285,16 @@ def test_eight_concurrent_writers_lose_and_corrupt_nothing(tmp_path):
 def test_a_report_that_cannot_be_written_is_a_harness_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    res = run_suite("--adapter", "tests.faulty_adapters:good", "--case", "bias_none", "--dtype", "float64",
-                    "--report", str(blocker / "r.json"))  # fmt: skip
+    res = run_suite(
+        "--adapter",
+        "tests.faulty_adapters:good",
+        "--case",
+        "bias_none",
+        "--dtype",
+        "float64",
+        "--report",
+        str(blocker / "r.json"),
+    )
     assert res.returncode == 3, res.stdout[-2000:]
     assert "HARNESS ERROR: could not write the report" in res.stdout
 

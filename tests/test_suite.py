@@ -1,6 +1,6 @@
 """The conformance suite as users meet it: out-of-tree adapters, failures, skips and reports.
 
-Each test runs the real suite in a subprocess (``python -m pytest conformance ...``), as a
+Each test runs the real suite in a subprocess (``python -m mha_conformance ...``), as a
 user would, against the committed golden vectors.
 """
 
@@ -48,8 +48,19 @@ def user_pkg(tmp_path: Path) -> Path:
 
 def test_function_adapter_by_module_path(user_pkg, tmp_path):
     report = tmp_path / "r.json"
-    res = run_suite("--adapter", "my_attention:attention", "--case", "self_*", "--case", "gqa*",
-                    "--dtype", "float32", "--report", str(report), path=user_pkg)  # fmt: skip
+    res = run_suite(
+        "--adapter",
+        "my_attention:attention",
+        "--case",
+        "self_*",
+        "--case",
+        "gqa*",
+        "--dtype",
+        "float32",
+        "--report",
+        str(report),
+        path=user_pkg,
+    )
     assert res.returncode == 0, res.stdout[-3000:]
     data = json.loads(report.read_text())
     ids = [t["nodeid"] for t in data["tests"]]
@@ -74,7 +85,7 @@ def test_function_adapter_by_entry_point(user_pkg):
 def test_parametrize_with_cases_from_a_users_test_file(user_pkg):
     (user_pkg / "test_mine.py").write_text(
         textwrap.dedent("""
-        from conformance import parametrize_with_cases
+        from mha_conformance import parametrize_with_cases
         from my_attention import attention
 
         @parametrize_with_cases(attention, cases=["causal_*", "bias_*"], dtypes=["float32"])
@@ -83,8 +94,14 @@ def test_parametrize_with_cases_from_a_users_test_file(user_pkg):
     """)
     )
     env = {"PYTHONPATH": f"{user_pkg}:{ROOT}", "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_mine.py"],
-                         cwd=user_pkg, capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_mine.py"],
+        cwd=user_pkg,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-3000:]
     assert re.search(r"(\d+) passed", res.stdout) and "failed" not in res.stdout
 
@@ -107,26 +124,35 @@ BROKEN = {
 def test_a_broken_copy_of_torch_scratch_fails_and_points_at_the_bug(bug, tmp_path):
     pytest.importorskip("torch")
     old, new, pattern = BROKEN[bug]
-    source = (ROOT / "impls" / "torch_scratch.py").read_text()
+    source = (ROOT / "impls" / "torch" / "scratch.py").read_text()
     assert old in source
     (tmp_path / "broken_scratch.py").write_text(
         source.replace(old, new).replace('"torch-scratch"', '"broken-scratch"')
     )
-    res = run_suite("--adapter", "broken_scratch:TorchScratch", "--case", "self_causal_b2_t8_d16_h4",
-                    "--dtype", "float32", path=tmp_path)  # fmt: skip
+    res = run_suite(
+        "--adapter",
+        "broken_scratch:TorchScratch",
+        "--case",
+        "self_causal_b2_t8_d16_h4",
+        "--dtype",
+        "float32",
+        path=tmp_path,
+    )
     assert res.returncode == 1, res.stdout[-3000:]
     assert "broken-scratch on cpu in float32, case self_causal_b2_t8_d16_h4" in res.stdout
     assert "output: max abs err" in res.stdout and "x the precision baseline+floor" in res.stdout
     assert pattern in res.stdout, res.stdout[-3000:]
-    repro = ("Reproduce: python -m pytest conformance/test_golden.py --adapter broken-scratch --device cpu --dtype float32 "
-             "--case self_causal_b2_t8_d16_h4")  # fmt: skip
+    repro = (
+        "Reproduce: python -m mha_conformance -k 'test_golden' --adapter broken-scratch --device cpu --dtype float32 "
+        "--case self_causal_b2_t8_d16_h4"
+    )
     assert repro in res.stdout
 
 
 def test_missing_framework_is_a_skip_naming_the_extra(tmp_path):
     (tmp_path / "needs_fw.py").write_text(
         textwrap.dedent("""
-        from impls.adapter import Adapter
+        from mha_conformance.impls.adapter import Adapter
 
         class NeedsFramework(Adapter):
             name = "needs-fw"
@@ -173,8 +199,16 @@ def test_unknown_adapter_is_a_usage_error_listing_the_choices():
 def test_report_and_history_record_environment_and_kernels(tmp_path):
     pytest.importorskip("torch")
     history = tmp_path / "history"
-    res = run_suite("--adapter", "torch-sdpa", "--adapter", "torch-mha", "--case", "self_basic*",
-                    "--history", str(history))  # fmt: skip
+    res = run_suite(
+        "--adapter",
+        "torch-sdpa",
+        "--adapter",
+        "torch-mha",
+        "--case",
+        "self_basic*",
+        "--history",
+        str(history),
+    )
     assert res.returncode == 0, res.stdout[-3000:]
     (path,) = history.iterdir()
     assert re.fullmatch(r"\d{8}T\d{6}Z_[0-9a-z-]+_[0-9a-f]{8}\.json", path.name)
@@ -187,9 +221,3 @@ def test_report_and_history_record_environment_and_kernels(tmp_path):
     assert {v["tensor"] for v in mha["verdicts"]} == {"output", "attn_weights"}
     rows = {(r["adapter"], r["dtype"]): r for r in data["summary"]}
     assert rows[("torch-sdpa", "float32")]["passed"] == 1
-
-
-def test_readme_adapter_table_is_current():
-    from conformance.table import README, current_readme_table, rows
-
-    assert current_readme_table(README.read_text()) == rows(), "run: python -m conformance.table --write"

@@ -6,10 +6,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conformance.tolerance import judge
-from impls import reference
+from mha_conformance.impls import reference
+from mha_conformance.tolerance import judge
+from mha_conformance.vectors import golden
 from tests.loop_impls import per_head
-from vectors import golden
 
 CASES = [
     "self_basic_b2_t8_d16_h4",

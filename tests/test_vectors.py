@@ -11,16 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vectors import golden
-from vectors.catalogue import CASES
-from vectors.generate import generate
+from mha_conformance.vectors import golden
+from mha_conformance.vectors.catalogue import CASES
+from mha_conformance.vectors.generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = [c["id"] for c in CASES]
 
 
 def run_vectors(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vectors", *args], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "mha_conformance.vectors", *args], cwd=ROOT, capture_output=True, text=True
+    )
 
 
 def test_catalogue_is_broad_and_named():

@@ -1,4 +1,4 @@
-"""``python -m vectors generate|verify``: write or check the golden vectors."""
+"""``python -m mha_conformance.vectors generate|verify``: write or check the golden vectors."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from vectors import golden
-from vectors.generate import generate
-from vectors.verify import verify
+from mha_conformance.vectors import golden
+from mha_conformance.vectors.generate import generate
+from mha_conformance.vectors.verify import verify
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vectors", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mha_conformance.vectors", description=__doc__)
     parser.add_argument("command", choices=["generate", "verify"])
     parser.add_argument("--root", type=Path, default=golden.VECTORS_DIR, help="vector folder")
     parser.add_argument("--case", action="append", help="generate only this case (repeatable)")

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from impls import error_model, reference
-from vectors import golden
-from vectors.catalogue import CASES
+from mha_conformance.impls import error_model, reference
+from mha_conformance.vectors import golden
+from mha_conformance.vectors.catalogue import CASES
 
 #: What the baselines emulate, stored with each case so a reader knows what was measured.
 EMULATION = (

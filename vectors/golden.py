@@ -33,7 +33,9 @@ REQUIRED_SPEC_KEYS = (
     "causal scale qkv_bias out_proj out_bias dropout fully_masked_rows dtypes"
 ).split()
 INPUT_NAMES = ("query", "key", "value", "w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o", "b_o", "mask")
-REGENERATE = "run `python -m vectors generate` (or restore the file with `git checkout vectors/`)"
+REGENERATE = (
+    "run `python -m mha_conformance.vectors generate` (or restore the file with `git checkout vectors/`)"
+)
 
 
 class VectorError(Exception):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from impls import reference
-from vectors import golden
-from vectors.catalogue import CASES
-from vectors.generate import baselines
+from mha_conformance.impls import reference
+from mha_conformance.vectors import golden
+from mha_conformance.vectors.catalogue import CASES
+from mha_conformance.vectors.generate import baselines
 
 #: Recomputed float64 values may differ from the stored ones only by summation order.
 RECOMPUTE_RTOL = 1e-9

@@ -51,12 +51,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"speed: no saved run in {shown(storage)} yet; this run is saved as the baseline")
     sys.path.insert(0, str(ROOT))
     try:
-        return pytest.main([
-            str(HERE), "-p", "no:cacheprovider", "--rootdir", str(ROOT), "-o", "python_files=test_*.py",
-            f"--benchmark-storage=file://{storage}", "--benchmark-autosave", *compare,
-            "--benchmark-warmup=on", "--benchmark-min-rounds=10", "--benchmark-max-time=1.0",
-            "--benchmark-columns=min,median,iqr,max,rounds", "--benchmark-sort=name", *rest,
-        ])  # fmt: skip
+        return pytest.main(
+            [
+                str(HERE),
+                "-p",
+                "no:cacheprovider",
+                "--rootdir",
+                str(ROOT),
+                "-o",
+                "python_files=test_*.py",
+                f"--benchmark-storage=file://{storage}",
+                "--benchmark-autosave",
+                *compare,
+                "--benchmark-warmup=on",
+                "--benchmark-min-rounds=10",
+                "--benchmark-max-time=1.0",
+                "--benchmark-columns=min,median,iqr,max,rounds",
+                "--benchmark-sort=name",
+                *rest,
+            ]
+        )
     except PerformanceRegression:  # raised after the comparison table is printed
         print(f"speed: a median is more than 10% slower than the previous run saved in {shown(storage)}")
         return 1

@@ -23,13 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from asv_runner.benchmarks.time import TimeBenchmark  # noqa: E402
 
 from benchmarks import bench_attention, common  # noqa: E402
-from impls.bench import bench_threads  # noqa: E402
+from mha_conformance.impls.bench import bench_threads  # noqa: E402
 
 
 def asv_median(params: tuple) -> float:
     instance = bench_attention.Forward()
-    bench = TimeBenchmark("bench_attention.Forward.time_forward", instance.time_forward,
-                          [instance.time_forward, instance, bench_attention])  # fmt: skip
+    bench = TimeBenchmark(
+        "bench_attention.Forward.time_forward",
+        instance.time_forward,
+        [instance.time_forward, instance, bench_attention],
+    )
     bench.set_param_idx(list(itertools.product(*bench_attention.PARAMS)).index(params))
     if bench.do_setup():
         raise SystemExit(f"{params} is skipped here")

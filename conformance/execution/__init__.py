@@ -1,0 +1,1 @@
+"""Running adapters: preparing and calling them (``harness``), in a worker process (``worker``)."""

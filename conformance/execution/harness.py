@@ -1,0 +1,176 @@
+"""Running an adapter on a golden case: preparing it once, calling it, and catching what it does.
+
+Whatever the adapter does comes back as an :class:`Execution`: its result, a skip (it raised
+NotImplementedError), or the exception or malformed result it produced. The checks judge
+(``mha_conformance.checks``); this module only runs. :class:`InProcess` runs adapters in the
+test process; :class:`Isolated` sends them to a worker process (``execution/worker.py``).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import ml_dtypes
+import numpy as np
+
+from mha_conformance.impls.adapter import RUNTIME_INPUTS, Adapter
+from mha_conformance.vectors import golden
+
+NUMPY_DTYPES = {
+    "float64": np.float64,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+}
+#: What each operation's prepared callable is built by.
+BUILDERS: dict[str, Callable[[Adapter], Callable[..., Any]]] = {
+    "forward": lambda a: a.prepare,
+    "backward": lambda a: a.prepare_backward,
+    "decode": lambda a: a.prepare_decoder,
+}
+#: Prepared modules kept per process; each is reused for every check on its (case, dtype, device).
+PREPARED_CACHE_SIZE = 8
+
+
+@dataclass
+class Execution:
+    """What running an adapter produced: ``ok`` with a result, ``skip`` with a reason, or a
+    problem (``error``, ``bad-result``, ``timeout``, ``crash``) with a message."""
+
+    status: str
+    result: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class NotAnArray:
+    """Stands, across the worker's pipe, for a result value that is not a NumPy array (only arrays
+    cross it), so the check can still say what the adapter returned."""
+
+    kind: str  # e.g. "torch.Tensor"
+
+
+def kind_of(value: Any) -> str:
+    """A value's type as a user would write it (``torch.Tensor``, ``builtins.list``)."""
+    if isinstance(value, NotAnArray):
+        return value.kind
+    return f"{type(value).__module__}.{type(value).__name__}"
+
+
+@cache
+def load(case_id: str, root: Path = golden.VECTORS_DIR) -> golden.GoldenCase:
+    """A validated golden case, read once per process."""
+    return golden.load_case(case_id, root)
+
+
+def cast_inputs(case: golden.GoldenCase, dtype: str) -> dict[str, np.ndarray]:
+    """Inputs and weights in ``dtype`` (exact: the stored values are representable); mask stays bool."""
+    return {
+        name: arr if arr.dtype == np.bool_ else arr.astype(NUMPY_DTYPES[dtype])
+        for name, arr in case.inputs().items()
+    }
+
+
+def runtime_inputs(case: golden.GoldenCase, dtype: str, op: str = "forward") -> dict[str, np.ndarray]:
+    """What a prepared callable receives: query/key/value/mask (and grad_output for backward)."""
+    cast = cast_inputs(case, dtype)
+    if op == "backward":
+        cast["grad_output"] = case.tensors["grad_output"].astype(NUMPY_DTYPES[dtype])
+    return {n: a for n, a in cast.items() if n in RUNTIME_INPUTS or n == "grad_output"}
+
+
+_prepared: OrderedDict[tuple, Any] = OrderedDict()
+
+
+def prepared(adapter: Adapter, case: golden.GoldenCase, dtype: str, device: str, op: str = "forward"):
+    """The adapter's prepared callable for (case, dtype, device) and op, built once and cached."""
+    key = (id(adapter), case.id, dtype, device, op)
+    if key in _prepared:
+        _prepared.move_to_end(key)
+        return _prepared[key]
+    fn = BUILDERS[op](adapter)(cast_inputs(case, dtype), case.spec, dtype, device)
+    _prepared[key] = fn
+    while len(_prepared) > PREPARED_CACHE_SIZE:
+        _prepared.popitem(last=False)
+    return fn
+
+
+def decode_tokens(new_stream: Any, inputs: Mapping[str, np.ndarray]) -> Any:
+    """Feed a decoder one token at a time: token t's query, key and value, against everything
+    the adapter cached so far; return the outputs stacked like a full pass's."""
+    step = new_stream()  # a fresh cache for every run
+    outputs, meta = [], {}
+    for t in range(inputs["query"].shape[1]):
+        result = step({n: inputs[n][:, t : t + 1] for n in ("query", "key", "value")})
+        if not isinstance(result, dict) or not isinstance(result.get("output"), np.ndarray):
+            return result  # judged as a bad result by the check
+        outputs.append(result["output"])
+        meta.update(result.get("meta") or {})  # what ran (kernel, provider), as the steps report it
+    return {"output": np.concatenate(outputs, axis=1), "meta": {**meta, "steps": str(len(outputs))}}
+
+
+def execute(
+    adapter: Adapter,
+    case: golden.GoldenCase,
+    dtype: str,
+    device: str,
+    op: str = "forward",
+    inputs: Mapping[str, np.ndarray] | None = None,
+) -> Execution:
+    """Prepare (once) and run the adapter on a case's runtime inputs (or on ``inputs``, e.g.
+    transformed ones for a property check), in this process."""
+    runtime = runtime_inputs(case, dtype, op) if inputs is None else dict(inputs)
+    try:
+        built = prepared(adapter, case, dtype, device, op)
+        result = decode_tokens(built, runtime) if op == "decode" else built(runtime)
+    except NotImplementedError as exc:
+        return Execution("skip", message=f"{adapter.name}: {exc}")
+    except Exception as exc:
+        frames = "".join(traceback.format_exception(exc, limit=-3)).rstrip()
+        return Execution("error", message=f"the adapter raised {type(exc).__name__}: {exc}\n{frames}")
+    if not isinstance(result, dict):
+        what = "None" if result is None else f"a {type(result).__name__}"
+        return Execution("bad-result", message=f"the adapter returned {what}, not a dict")
+    meta = {str(a): str(b) for a, b in (result.get("meta") or {}).items()}
+    return Execution("ok", {**{n: v for n, v in result.items() if n != "meta"}, "meta": meta})
+
+
+class Runner(Protocol):
+    """Where adapters run: in this process, or in a worker process."""
+
+    def execute(
+        self,
+        adapter: Adapter,
+        case: golden.GoldenCase,
+        dtype: str,
+        device: str,
+        op: str = "forward",
+        inputs: Mapping[str, np.ndarray] | None = None,
+    ) -> Execution: ...
+
+
+class InProcess:
+    """Runs adapters in the test process (no protection against crashes or hangs)."""
+
+    def execute(self, adapter, case, dtype, device, op="forward", inputs=None) -> Execution:
+        return execute(adapter, case, dtype, device, op, inputs)
+
+
+class Isolated:
+    """Runs adapters in a worker process when they can be re-created there from a reference
+    (``--adapter`` values); adapters given as Python objects run in this process."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+
+    def execute(self, adapter, case, dtype, device, op="forward", inputs=None) -> Execution:
+        ref = getattr(adapter, "ref", None)
+        if ref is None:
+            return execute(adapter, case, dtype, device, op, inputs)
+        return self.worker.execute(ref, case, dtype, device, op, inputs)

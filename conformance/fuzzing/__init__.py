@@ -1,0 +1,1 @@
+"""Random specs (hypothesis) for every adapter against the reference."""

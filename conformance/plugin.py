@@ -1,0 +1,246 @@
+"""The pytest plugin: the suite's options, parametrization, summary table and reports.
+
+Loaded by name (``-p mha_conformance.plugin``; ``python -m mha_conformance`` does it), never
+automatically, so it touches no other pytest run. It only wires pytest to the suite: the state
+of a run is ``execution/suite.py``, a check's steps ``checks/skeleton.py``, the report
+``results/report.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from mha_conformance.checks.properties import ADVISORY
+from mha_conformance.checks.skeleton import CheckRecord
+from mha_conformance.execution.suite import Suite, Target
+from mha_conformance.execution.worker import STARTUP_TIMEOUT
+from mha_conformance.impls import registry
+from mha_conformance.impls.adapter import ALL_DTYPES
+from mha_conformance.results import report
+from mha_conformance.tolerance import DEFAULT_K
+from mha_conformance.vectors import golden
+
+DEVICES = ("cpu", "cuda", "mps")
+#: Generous for a first call that imports a framework and jit-compiles, short enough that a hung
+#: adapter costs minutes, not the CI budget.
+DEFAULT_CASE_TIMEOUT = 120.0
+#: Exit codes: pytest's own (0 ok, 1 conformance failures, 4 usage error), and 3 when the harness
+#: itself failed (a test errored outside the adapter's verdict, or the report could not be written).
+HARNESS_ERROR = 3
+SUITE = pytest.StashKey[Suite]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mha-conformance")
+    add = group.addoption
+    add(
+        "--adapter",
+        action="append",
+        default=[],
+        help="adapter to validate (repeatable): a built-in name or glob, an entry-point name "
+        f"({registry.ENTRY_POINT_GROUP}), or package.module:attr. Default: every built-in "
+        "whose framework is installed",
+    )
+    add(
+        "--device",
+        default="cpu",
+        choices=[*DEVICES, "all"],
+        help="device to run on; 'all' = every device each adapter can reach (default cpu)",
+    )
+    add(
+        "--dtype",
+        action="append",
+        default=[],
+        choices=ALL_DTYPES,
+        help="dtype (repeatable); default: every dtype the case lists that the adapter supports",
+    )
+    add("--case", action="append", default=[], help="glob on case ids (repeatable)")
+    add("--report", type=Path, help="write the JSON report here")
+    add("--history", type=Path, help="also write the report into this history folder")
+    add(
+        "--k-factor",
+        type=float,
+        default=DEFAULT_K,
+        help="tolerance factor k: error may be k x (precision baseline + floor) (default 2)",
+    )
+    add(
+        "--case-timeout",
+        type=float,
+        default=DEFAULT_CASE_TIMEOUT,
+        help=f"seconds one test's adapter call may take before it is killed and failed (default "
+        f"{DEFAULT_CASE_TIMEOUT:g}; 0 = no limit; a fresh worker also gets {STARTUP_TIMEOUT:g} s for imports)",
+    )
+    add(
+        "--isolation",
+        choices=["process", "none"],
+        default="process",
+        help="run adapters in a worker process (default: a crash or hang fails one test) or in the "
+        "test process (none: easier debugging)",
+    )
+    add(
+        "--fuzz-examples",
+        type=int,
+        default=60,
+        help="examples hypothesis draws per adapter and dtype in the fuzzing run (mha_conformance.fuzzing)",
+    )
+    add(
+        "--vectors",
+        type=Path,
+        default=golden.VECTORS_DIR,
+        help="folder of golden vectors (default: the committed ones)",
+    )
+
+
+def suite_of(config: pytest.Config) -> Suite:
+    """The run's suite, built once, before collection (so a bad option is a usage error, exit 4)."""
+    if SUITE not in config.stash:
+        config.stash[SUITE] = Suite(config)
+    return config.stash[SUITE]
+
+
+def pytest_collection(session: pytest.Session) -> None:
+    suite_of(session.config)
+
+
+def built(config: pytest.Config) -> Suite | None:
+    return config.stash.get(SUITE, None)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test module names the checks it runs (``CHECKS``); its ``target`` argument gets every
+    (check, adapter, device, dtype, case) they apply to."""
+    checks = getattr(metafunc.module, "CHECKS", None)
+    if checks and "target" in metafunc.fixturenames:
+        metafunc.parametrize("target", suite_of(metafunc.config).params(checks))
+
+
+@pytest.fixture
+def suite(request: pytest.FixtureRequest) -> Suite:
+    return suite_of(request.config)
+
+
+@pytest.fixture
+def check(target: Target, suite: Suite, request: pytest.FixtureRequest):
+    """Runs the test's check; its record is on the test item, for the report, even on failure."""
+    record = request.node.mha_record = CheckRecord()
+
+    def run() -> CheckRecord:
+        __tracebackhide__ = True
+        return suite.run(target, record)
+
+    return run
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    rep = outcome.get_result()
+    params = getattr(item, "callspec", None) and item.callspec.params
+    found = [p for p in (params or {}).values() if isinstance(p, Target)]
+    param = found[0] if found else None
+    if param is None or (rep.when == "setup" and not rep.skipped) or rep.when == "teardown":
+        return
+    suite = built(item.config)
+    if suite is None:
+        return
+    rec = suite.records.setdefault(
+        item.nodeid,
+        report.TestRecord(item.nodeid, param.check, param.adapter, param.device, param.dtype, param.case),
+    )
+    found = getattr(item, "mha_record", None)
+    if found is not None:
+        rec.verdicts = [v.as_dict() for v in found.verdicts]
+        rec.meta = dict(found.meta)
+    finding = found.finding if found is not None else ""
+    rec.duration += rep.duration
+    if hasattr(rep, "wasxfail"):
+        rec.outcome = "xpassed" if rep.passed else "xfailed"
+        rec.reason = rep.wasxfail
+    elif rep.skipped:
+        rec.outcome = "skipped"
+        rec.reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rec.reason = rec.reason.removeprefix("Skipped: ")
+    elif rep.passed and finding:
+        rec.outcome = "finding"
+        rec.reason = finding
+    else:
+        rec.outcome = rep.outcome
+        if rep.failed:
+            rec.reason = str(call.excinfo.value) if call.excinfo else str(rep.longrepr)
+            # A verdict fails with AssertionError; anything else is the harness failing.
+            if rep.when != "call" or call.excinfo is None or not call.excinfo.errisinstance(AssertionError):
+                rec.outcome = "error"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    suite = built(config)
+    if suite is None:
+        return
+    records = list(suite.records.values())
+    if not records:
+        return
+    tr = terminalreporter
+    tr.section("mha-conformance summary")
+    tr.write_line(report.format_table(report.summarize(records), suite.k))
+    xpassed = [r for r in records if r.outcome == "xpassed"]
+    if xpassed:
+        tr.write_line("")
+        tr.write_line("Declared divergences that did NOT occur (update the adapter's divergences):")
+        for r in xpassed:
+            tr.write_line(f"  {r.nodeid}: {r.reason}")
+    findings = [r for r in records if r.outcome == "finding"]
+    if findings:
+        tr.write_line("")
+        tr.write_line(
+            f"Advisory findings ({len(findings)}; robustness probes a conforming implementation may fail, "
+            "shown in the report; --strict makes them failures):"
+        )
+        by_check: dict[tuple[str, str], int] = {}
+        for r in findings:
+            by_check[(r.adapter, r.check)] = by_check.get((r.adapter, r.check), 0) + 1
+        for (adapter, check), n in sorted(by_check.items()):
+            tr.write_line(f"  {adapter}: {check} ({n} tests): {ADVISORY.get(check, '')[:100]}...")
+    if suite.not_installed:
+        tr.write_line("")
+        tr.write_line("Not run (framework not installed): " + "; ".join(suite.not_installed))
+    for path in suite.written:
+        tr.write_line(f"JSON report: {path}")
+    for problem in suite.write_errors:
+        tr.write_line(f"HARNESS ERROR: could not write the report {problem}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    suite = built(session.config)
+    if suite is None:
+        return
+    suite.close()
+    records = list(suite.records.values())
+    if not records:
+        return
+    if any(r.outcome == "error" for r in records):
+        session.exitstatus = HARNESS_ERROR
+    run = {
+        "started": suite.started.isoformat(),
+        "finished": datetime.now(timezone.utc).isoformat(),
+        "commit": report.git_commit(),
+        "k_factor": suite.k,
+        "args": session.config.invocation_params.args,
+        "exit_status": int(exitstatus),
+        "duration": time.time() - suite.started.timestamp(),
+    }
+    data = report.build_report(records, report.environment(suite.adapter_versions()), run)
+    targets = [session.config.getoption("--report")]
+    history = session.config.getoption("--history")
+    if history:
+        targets.append(history / report.history_name(suite.started, run["commit"]))
+    for target in filter(None, targets):
+        try:
+            report.write_json_atomic(target, data)
+            suite.written.append(target)
+        except OSError as exc:
+            suite.write_errors.append(f"{target}: {exc}")
+            session.exitstatus = HARNESS_ERROR

@@ -1,0 +1,1 @@
+"""Advisory measurements: which conventions an adapter follows, and its dropout statistics."""

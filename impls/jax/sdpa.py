@@ -1,0 +1,214 @@
+"""``jax-sdpa``: projections in ``jax.numpy`` plus ``jax.nn.dot_product_attention``.
+
+Layout [B, T, N, H]; native grouped-query attention (fewer kv heads), ``scale=`` for custom
+scales, and ``is_causal`` only where its top-left alignment is right (Tq == Tk, no other
+mask); otherwise the bottom-right causal rule goes in as a bool mask. ``implementation``
+is ``"xla"`` on CPU and ``"cudnn"`` on GPU where the case fits cuDNN (half dtypes), else
+``"xla"``. :func:`attention` is the one statement of the computation (forward, vjp and the
+timed body in ``impls/jax/timed.py``); it is jit-compiled once per process for each distinct
+:class:`Structure`, shapes and dtypes (``impls/jax/common.jitted``), weights as arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from mha_conformance.impls.adapter import Arrays, Divergence, Prepared, Spec
+from mha_conformance.impls.bench import Bench
+from mha_conformance.impls.jax import timed
+from mha_conformance.impls.jax.common import (
+    UNIFORM_ROWS,
+    JaxAdapter,
+    allowed,
+    has_empty_rows,
+    import_jax,
+    jitted,
+    several_keys_per_row,
+)
+
+FLOAT32_SOFTMAX = (
+    "jax.nn.dot_product_attention's xla implementation computes the softmax in float32 even for float64 "
+    "inputs (it upcasts half types to float32 and never goes higher), so float64 results err by ~1e-7 relative, "
+    "a float32 step inside a float64 computation"
+)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What the traced computation depends on besides the arrays' shapes and dtypes: the
+    static part of the jit cache key (hashable), taken from the spec."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    scale: float | None
+    #: jax's is_causal is top-left aligned: used only where that is the rule (Tq == Tk, no mask).
+    top_left_causal: bool
+    out_proj: bool
+    implementation: str
+
+
+def attention(params: Mapping[str, Any], query, key, value, mask, structure: Structure):
+    """Projections, ``jax.nn.dot_product_attention`` ([B, T, N, H]) and the output projection;
+    ``params`` holds the case's ``w_*``/``b_*`` in the golden [in, out] layout (a bias the case
+    lacks is absent, not zero). Pure, for ``jax.jit`` and ``jax.vjp``."""
+    s = structure
+
+    def project(x, short: str, heads: int, width: int):
+        y = x @ params[f"w_{short}"]
+        if f"b_{short}" in params:
+            y = y + params[f"b_{short}"]
+        return y.reshape(x.shape[0], x.shape[1], heads, width)
+
+    q, k = project(query, "q", s.heads, s.head_dim), project(key, "k", s.kv_heads, s.head_dim)
+    v = project(value, "v", s.kv_heads, s.v_head_dim)
+    ctx = import_jax().nn.dot_product_attention(
+        q, k, v, mask=mask, scale=s.scale, is_causal=s.top_left_causal, implementation=s.implementation
+    )
+    out = ctx.reshape(query.shape[0], query.shape[1], s.heads * s.v_head_dim)
+    if s.out_proj:
+        out = out @ params["w_o"]
+        if "b_o" in params:
+            out = out + params["b_o"]
+    return out
+
+
+def attention_vjp(params, query, key, value, mask, structure: Structure):
+    """``(output, pullback)`` of :func:`attention` with respect to params, query, key and value
+    (three arguments even when a self-attention caller passes one array three times)."""
+    return import_jax().vjp(
+        lambda p, q, k, v: attention(p, q, k, v, mask, structure), params, query, key, value
+    )
+
+
+def attention_gradients(params, query, key, value, mask, grad_output, structure: Structure):
+    """The gradients of ``sum(attention(...) * grad_output)``: (d_params, d_query, d_key, d_value)."""
+    _, pullback = attention_vjp(params, query, key, value, mask, structure)
+    return pullback(grad_output)
+
+
+class JaxSDPA(JaxAdapter):
+    name = "jax-sdpa"
+    path = (
+        "jax.numpy projections + jax.nn.dot_product_attention (xla on CPU, cudnn on GPU for half dtypes), jit"
+    )
+    divergences = (
+        Divergence(FLOAT32_SOFTMAX, check="golden", dtype="float64", when=several_keys_per_row),
+        Divergence(FLOAT32_SOFTMAX, check="gradients", dtype="float64", when=several_keys_per_row),
+        Divergence(
+            f"jax.nn.dot_product_attention (xla): {UNIFORM_ROWS}", check="golden", when=has_empty_rows
+        ),
+        Divergence(
+            f"jax.nn.dot_product_attention (xla): {UNIFORM_ROWS}; the gradients flow into every value through "
+            "the uniform weights",
+            check="gradients",
+            when=has_empty_rows,
+        ),
+    )
+
+    def supports(self, spec: Spec, dtype: str, device: str) -> str | None:
+        if spec["v_head_dim"] != spec["head_dim"]:
+            return "jax.nn.dot_product_attention requires values of the same head width as queries and keys"
+        if device == "cpu" and dtype == "float16":
+            return (
+                "XLA:CPU has no float16 x float16 -> float32 dot_general, which jax.nn.dot_product_attention's "
+                "xla implementation requests ('F16_F16_F32' is not supported by dot_general on CPU)"
+            )
+        return None
+
+    def implementation(self, dtype: str, device: str) -> str:
+        return "cudnn" if device == "cuda" and dtype in ("float16", "bfloat16") else "xla"
+
+    def structure(self, spec: Mapping[str, Any], dtype: str, device: str) -> Structure:
+        top_left = spec["causal"] and spec["q_len"] == spec["kv_len"] and spec.get("mask") is None
+        return Structure(
+            heads=spec["num_heads"],
+            kv_heads=spec["num_kv_heads"],
+            head_dim=spec["head_dim"],
+            v_head_dim=spec["v_head_dim"],
+            scale=spec["scale"],
+            top_left_causal=top_left,
+            out_proj=spec["out_proj"],
+            implementation=self.implementation(dtype, device),
+        )
+
+    def params(self, case: Mapping[str, np.ndarray], dtype: str, device: str) -> dict[str, Any]:
+        """The case's weights and biases on ``device``, as :func:`attention` takes them."""
+        return {n: self.put(a, dtype, device) for n, a in case.items() if n[:2] in ("w_", "b_")}
+
+    def mask(self, spec: Mapping[str, Any], structure: Structure, mask: np.ndarray | None, device: str):
+        """The bool mask :func:`attention` takes (None where ``is_causal`` carries the rule)."""
+        allowed_keys = None if structure.top_left_causal else allowed(spec, mask)
+        return None if allowed_keys is None else self.put(allowed_keys, "bool", device)
+
+    def prepare(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
+        params, structure = self.params(case, dtype, device), self.structure(spec, dtype, device)
+        forward = jitted(attention, "structure")
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            args = [self.put(inputs[n], dtype, device) for n in ("query", "key", "value")]
+            mask = self.mask(spec, structure, inputs.get("mask"), device)
+            out = forward(params, *args, mask, structure=structure)
+            return {
+                "output": self.fetch(out, dtype, device),
+                "meta": {"implementation": structure.implementation},
+            }
+
+        return run
+
+    def prepare_backward(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
+        """``jax.vjp`` of :func:`attention` at ``grad_output``: weights in the golden [in, out]
+        layout, query, key and value as three arguments (a self-attention case's one array
+        becomes three)."""
+        params, structure = self.params(case, dtype, device), self.structure(spec, dtype, device)
+        gradients = jitted(attention_gradients, "structure")
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            args = [self.put(inputs[n], dtype, device) for n in ("query", "key", "value", "grad_output")]
+            mask = self.mask(spec, structure, inputs.get("mask"), device)
+            d_params, d_query, d_key, d_value = gradients(
+                params, *args[:3], mask, args[3], structure=structure
+            )
+            grads = {"grad_query": d_query, "grad_key": d_key, "grad_value": d_value}
+            grads.update({f"grad_{n}": g for n, g in d_params.items()})
+            result: dict[str, Any] = {n: self.fetch(g, dtype, device) for n, g in grads.items()}
+            result["meta"] = {"implementation": structure.implementation}
+            return result
+
+        return run
+
+    def prepare_training(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
+        raise NotImplementedError(
+            "jax.nn.dot_product_attention has no dropout (no rate or rng argument): a training mode would be "
+            "dropout written around it, not this implementation's"
+        )
+
+    def bench(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Bench:
+        """``jax-sdpa``: ``jax_sdpa.attention`` jitted with its ``Structure``, weights as arguments."""
+        meta = timed.setup(self, spec, dtype, device)
+        j = import_jax()
+        structure = self.structure(spec, dtype, device)
+        params = self.params(case, dtype, device)
+        q, k, v = timed.device_inputs(self, case, spec, dtype, device)
+        mask = self.mask(spec, structure, case.get("mask"), device)
+        forward = j.jit(partial(attention, structure=structure))
+        pullback = j.jit(partial(attention_vjp, structure=structure))
+        meta.update(
+            implementation=structure.implementation,
+            jitted="forward: jax.jit(jax_sdpa.attention), weights as arguments, compiled in setup; backward: "
+            "jax.jit of jax.vjp's pullback on forward residuals computed in setup",
+        )
+        return timed.timed(
+            self,
+            dtype,
+            device,
+            forward=lambda: forward(params, q, k, v, mask),
+            pullback=lambda: pullback(params, q, k, v, mask),
+            meta=meta,
+        )

@@ -1,0 +1,1 @@
+"""The Keras adapters (one layer on three backends), their divergences and timed bodies."""
