@@ -111,8 +111,9 @@ def source_root() -> Path | None:
 
 
 def git_commit(root: Path | None = None) -> str:
-    """The short commit of ``root`` (default: this code's checkout), with ``+dirty`` when the
-    tree has changes; for an installed package, ``mha-conformance <version>``."""
+    """The short commit of ``root`` (default: this code's checkout), with ``+dirty`` when its code
+    or vectors have changes (not docs/: a generated table rewrites them, and does not change
+    what the code computes); for an installed package, ``mha-conformance <version>``."""
     root = root or source_root()
     if root is None:
         return f"mha-conformance {package_versions(['mha-conformance']).get('mha-conformance', 'unknown')}"
@@ -121,7 +122,7 @@ def git_commit(root: Path | None = None) -> str:
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs"],
             cwd=root,
             capture_output=True,
             text=True,
