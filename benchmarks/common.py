@@ -26,6 +26,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from mha_conformance.checks.skeleton import output_problems
 from mha_conformance.impls import error_model, reference, registry
 from mha_conformance.impls.adapter import refusal
 from mha_conformance.impls.bench import Bench, bench_threads
@@ -157,11 +158,9 @@ def gate(bench: Bench, inputs: dict[str, np.ndarray], spec: dict[str, Any], dtyp
     baseline = ensemble_errors(tensors, sub, dtype, {"output": truth.output})[0]["output"]
     actual = bench.to_numpy(bench.forward())
     bench.sync()
-    if getattr(actual, "shape", None) != (spec["batch"], tq, spec["d_out"]):
-        raise WrongResult(
-            f"{label}: output shape {getattr(actual, 'shape', None)}, expected "
-            f"{(spec['batch'], tq, spec['d_out'])}; no timing is posted"
-        )
+    problems = output_problems({"output": actual}, spec, dtype)
+    if problems:
+        raise WrongResult(f"{label}: {'; '.join(problems)}; no timing is posted")
     verdict = judge(
         actual[:1, rows],
         truth.output,

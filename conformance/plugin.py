@@ -8,6 +8,7 @@ of a run is ``execution/suite.py``, a check's steps ``checks/skeleton.py``, the 
 
 from __future__ import annotations
 
+import resource
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,8 +72,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--case-timeout",
         type=float,
         default=DEFAULT_CASE_TIMEOUT,
-        help=f"seconds one test's adapter call may take before it is killed and failed (default "
-        f"{DEFAULT_CASE_TIMEOUT:g}; 0 = no limit; a fresh worker also gets {STARTUP_TIMEOUT:g} s for imports)",
+        help=f"seconds one adapter call may take before its worker is killed and the test fails "
+        f"(default {DEFAULT_CASE_TIMEOUT:g}; 0 = no limit); startup has its own limit",
+    )
+    add(
+        "--startup-timeout",
+        type=float,
+        default=STARTUP_TIMEOUT,
+        help=f"seconds a worker may take to start, import the adapter and prepare its module "
+        f"(default {STARTUP_TIMEOUT:g}; 0 = no limit)",
     )
     add(
         "--isolation",
@@ -104,6 +112,12 @@ def suite_of(config: pytest.Config) -> Suite:
 
 def pytest_collection(session: pytest.Session) -> None:
     suite_of(session.config)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    suite = built(config)
+    if suite is not None:
+        suite.order(items)
 
 
 def built(config: pytest.Config) -> Suite | None:
@@ -170,7 +184,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     else:
         rec.outcome = rep.outcome
         if rep.failed:
-            rec.reason = str(call.excinfo.value) if call.excinfo else str(rep.longrepr)
+            rec.reason = report.clip(str(call.excinfo.value) if call.excinfo else str(rep.longrepr))
             # A verdict fails with AssertionError; anything else is the harness failing.
             if rep.when != "call" or call.excinfo is None or not call.excinfo.errisinstance(AssertionError):
                 rec.outcome = "error"
@@ -231,6 +245,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "args": session.config.invocation_params.args,
         "exit_status": int(exitstatus),
         "duration": time.time() - suite.started.timestamp(),
+        # The suite process's peak resident memory (the adapters' workers not included).
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     data = report.build_report(records, report.environment(suite.adapter_versions()), run)
     targets = [session.config.getoption("--report")]

@@ -173,3 +173,47 @@ def test_conventions_section_shows_probe_verdicts_and_reports_bad_files(tmp_path
     page, problems = build_page(history_dir, tmp_path / "asv")
     assert 'id="conventions-table"' in page and "my-attention" in page and "bottom-right" in page
     assert any("broken.json" in p for p in problems)
+
+
+def test_adapter_controlled_markup_stays_text_in_the_page(tmp_path):
+    """An adapter's name, exception message and meta carry markup through the suite, the JSON
+    report, the history and the dashboard; headless Chromium shows it as text and runs none of it."""
+    from selenium.webdriver.common.by import By
+
+    from tests.faulty_adapters import PAYLOADS
+    from tests.runs import run_suite
+
+    history, html = tmp_path / "history", tmp_path / "html"
+    res = run_suite(
+        *("--adapter", "tests.faulty_adapters:Hostile", "--case", "bias_*", "--dtype", "float32"),
+        *("-k", "golden", "--history", str(history)),
+    )
+    assert res.returncode == 1, res.stdout[-2000:]  # bias_none raised
+    (report_file,) = history.glob("*.json")
+    recorded = report_file.read_text()
+    for payload in PAYLOADS.values():
+        assert json.dumps(payload)[1:-1] in recorded  # kept as data, unchanged
+    cmd = [sys.executable, "-m", "mha_conformance.dashboard.page", "--history", str(history)]
+    cmd += ["--results", str(tmp_path / "no-results"), "--html", str(html), "--no-publish"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    driver = _driver()
+    try:
+        driver.get((html / "conformance" / "index.html").as_uri())
+        for row in driver.find_elements(By.CSS_SELECTOR, "#details details"):
+            driver.execute_script("arguments[0].open = true", row)
+        text = driver.find_element(By.TAG_NAME, "body").text
+        assert PAYLOADS["name"] in text  # shown, as text
+        assert PAYLOADS["meta"] in text
+        assert "</script><script>" in text
+        assert driver.execute_script("return window.__xss === undefined")
+        assert not driver.find_elements(By.CSS_SELECTOR, "body img, body svg[onload]")
+        scripts = driver.find_elements(By.TAG_NAME, "script")
+        assert len(scripts) == 1  # the page's own
+        driver.switch_to.alert  # noqa: B018 (raises NoAlertPresentException when none opened)
+        pytest.fail("an alert opened: the adapter's name ran as markup")
+    except Exception as exc:  # selenium's NoAlertPresentException is the good outcome
+        if type(exc).__name__ != "NoAlertPresentException":
+            raise
+    finally:
+        driver.quit()

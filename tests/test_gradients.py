@@ -196,7 +196,7 @@ def test_missing_and_invented_gradients_fail():
     with pytest.raises(AssertionError) as failure:
         check_gradients(as_adapter(attention, "sloppy"), "bias_out_only", "float64", "cpu")
     assert "'grad_w_o' is missing from the result" in str(failure.value)
-    assert "returned grad_b_q for tensors the case does not have" in str(failure.value)
+    assert "unexpected 'grad_b_q' in the result: the case has no such tensor" in str(failure.value)
 
 
 def test_no_backward_is_a_skip_with_the_reason():

@@ -150,6 +150,7 @@ def test_format_1_and_2_files_load_and_others_are_refused(tmp_path):
     path = golden.write_case(tmp_path, v1.spec, v1.tensors, v1.baseline)
     data = path.read_bytes().replace(b'"format_version":"1"', b'"format_version":"9"')
     path.write_bytes(data)
-    (tmp_path / golden.MANIFEST).write_text(json.dumps({"cases": {v1.id: golden.manifest_entry(path)}}))
+    manifest = {"format_version": golden.FORMAT_VERSION, "cases": {v1.id: golden.manifest_entry(path)}}
+    (tmp_path / golden.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(golden.VectorError, match="format_version '9', this code reads 1, 2"):
         golden.load_case(v1.id, tmp_path)

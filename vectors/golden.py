@@ -166,6 +166,13 @@ def read_manifest(root: Path = VECTORS_DIR) -> dict[str, Any]:
         raise VectorError(f"{path}: the manifest is not valid JSON ({exc}); {REGENERATE}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("cases"), dict):
         raise VectorError(f"{path}: the manifest has no 'cases' object; {REGENERATE}")
+    version = manifest.get("format_version")
+    if version not in READABLE_FORMATS:
+        raise VectorError(
+            f"{path}: vector format version {version!r}, but this suite reads {', '.join(READABLE_FORMATS)}; "
+            "use the mha-conformance release that wrote these vectors, or regenerate them with this one "
+            "(python -m mha_conformance.vectors generate)"
+        )
     return manifest
 
 

@@ -3,8 +3,7 @@ causal pass's golden output (``Adapter.prepare_decoder``)."""
 
 from __future__ import annotations
 
-from mha_conformance.checks.golden import forward_shapes
-from mha_conformance.checks.skeleton import Check, Expected, Run
+from mha_conformance.checks.skeleton import Check, Expected, Run, forward_shapes
 from mha_conformance.tolerance import Verdict, judge_tensor
 
 

@@ -3,13 +3,8 @@ golden expectations, tensor by tensor, with the tolerance rule."""
 
 from __future__ import annotations
 
-from mha_conformance.checks.skeleton import Check, Expected, Run
+from mha_conformance.checks.skeleton import Check, Expected, Run, forward_shapes
 from mha_conformance.tolerance import Verdict, judge_tensor
-
-
-def forward_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
-    b, tq, tk, h = spec["batch"], spec["q_len"], spec["kv_len"], spec["num_heads"]
-    return {"output": (b, tq, spec["d_out"]), "attn_weights": (b, h, tq, tk)}
 
 
 class Golden(Check):

@@ -35,8 +35,9 @@ class Gradients(Check):
         if not unknown:
             return []
         return [
-            f"returned {', '.join(unknown)} for tensors the case does not have (a bias filled with zeros because "
-            "the case has none must not be returned)"
+            f"unexpected {n!r} in the result: the case has no such tensor (a gradient for a bias "
+            "filled with zeros because the case has none must not be returned)"
+            for n in unknown
         ]
 
     def judge(self, case, runs, results, dtype, k) -> tuple[list[Verdict], str]:

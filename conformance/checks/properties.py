@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mha_conformance.checks.golden import forward_shapes
-from mha_conformance.checks.skeleton import Check, Expected, Run
+from mha_conformance.checks.skeleton import Check, Expected, Run, forward_shapes
 from mha_conformance.execution.harness import cast_inputs
 from mha_conformance.impls.adapter import RUNTIME_INPUTS
 from mha_conformance.tolerance import Verdict, judge_relation
@@ -249,7 +248,8 @@ class PropertyCheck(Check):
         return [Run("forward", case, inputs), Run("forward", change.case or case, change.inputs, change)]
 
     def expected(self, case, run):
-        return {"output": Expected(forward_shapes(case.spec)["output"])}
+        shapes = forward_shapes(case.spec)
+        return {"output": Expected(shapes["output"]), "attn_weights": Expected(shapes["attn_weights"], False)}
 
     def judge(self, case, runs, results, dtype, k) -> tuple[list[Verdict], str]:
         change: Transformed = runs[1].note

@@ -77,8 +77,12 @@ class Check:
         raise NotImplementedError
 
     def extra(self, case: golden.GoldenCase, run: Run, names: set[str]) -> list[str]:
-        """Problems with tensors the result holds but the check does not expect ("" if allowed)."""
-        return []
+        """Problems with keys the result holds but the check does not expect: each is one (a
+        misspelt name, or a tensor nobody would judge, must not pass unnoticed)."""
+        allowed = ", ".join(self.expected(case, run))
+        return [
+            f"unexpected {n!r} in the result (this check reads {allowed} and meta)" for n in sorted(names)
+        ]
 
     def judge(
         self, case: golden.GoldenCase, runs: list[Run], results: list[dict[str, Any]], dtype: str, k: float
@@ -118,32 +122,53 @@ def reproduce_line(
     )
 
 
-def result_problems(
-    check: Check, case: golden.GoldenCase, run: Run, result: Mapping[str, Any], dtype: str
-) -> list[str]:
-    """The guard in front of every judgement: each tensor the check judges is an array of the
-    right shape and dtype, every required one is there, and nothing unexpected is."""
-    expected = check.expected(case, run)
+def forward_shapes(spec: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shapes of a forward result: ``output`` [B, Tq, d_out], ``attn_weights`` [B, H, Tq, Tk]."""
+    b, tq, tk, h = spec["batch"], spec["q_len"], spec["kv_len"], spec["num_heads"]
+    return {"output": (b, tq, spec["d_out"]), "attn_weights": (b, h, tq, tk)}
+
+
+def output_problems(result: Any, spec: Mapping[str, Any], dtype: str) -> list[str]:
+    """The guard for a forward result read only for its ``output`` (probes, the benchmarks' gate)."""
+    return problems_in(result, {"output": Expected(forward_shapes(spec)["output"])}, dtype)
+
+
+def problems_in(result: Any, expected: Mapping[str, Expected], dtype: str) -> list[str]:
+    """The one guard in front of any arithmetic on an adapter's result (checks, probes, the
+    benchmarks' correctness gate): a mapping whose expected tensors are NumPy arrays of the right
+    shape and dtype, every required one present. Only reads attributes: nothing is converted."""
+    if not isinstance(result, Mapping):
+        what = "None" if result is None else f"a {kind_of(result)}"
+        return [f"the adapter returned {what}, not a dict"]
     problems = []
     for name, want in expected.items():
         if name not in result:
             if want.required:
                 problems.append(
-                    f"'{name}' is missing from the result (keys: {', '.join(sorted(result)) or 'none'})"
+                    f"'{name}' is missing from the result (keys: {', '.join(sorted(map(str, result))) or 'none'})"
                 )
             continue
         value = result[name]
         if not isinstance(value, np.ndarray):
-            kind = kind_of(value)
             problems.append(
-                f"'{name}' is a {kind}, not a numpy.ndarray; convert it (e.g. tensor.cpu().numpy())"
+                f"'{name}' is a {kind_of(value)}, not a numpy.ndarray; convert it (e.g. tensor.cpu().numpy())"
             )
         elif value.shape != want.shape:
             problems.append(f"{name}: shape {list(value.shape)}, expected {list(want.shape)}")
         elif value.dtype != np.dtype(NUMPY_DTYPES[dtype]):
             problems.append(f"{name}: dtype {value.dtype}, expected {dtype}")
-    problems += check.extra(case, run, {n for n in result if n != "meta"} - set(expected))
     return problems
+
+
+def result_problems(
+    check: Check, case: golden.GoldenCase, run: Run, result: Mapping[str, Any], dtype: str
+) -> list[str]:
+    """The guard as a check applies it: :func:`problems_in`, and nothing unexpected (the check's
+    :meth:`Check.extra`)."""
+    expected = check.expected(case, run)
+    problems = problems_in(result, expected, dtype)
+    unexpected = {n for n in result if n != "meta"} - set(expected)
+    return problems + check.extra(case, run, unexpected)
 
 
 def run_check(

@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from mha_conformance.impls.adapter import RUNTIME_INPUTS, Adapter
+from mha_conformance.results.report import clip
 from mha_conformance.vectors import golden
 
 NUMPY_DTYPES = {
@@ -34,6 +35,10 @@ BUILDERS: dict[str, Callable[[Adapter], Callable[..., Any]]] = {
     "backward": lambda a: a.prepare_backward,
     "decode": lambda a: a.prepare_decoder,
 }
+#: Longest string kept of one ``meta`` value, and of an adapter's exception message.
+META_LIMIT = 1000
+META_KEYS = 50
+MESSAGE_LIMIT = 4000
 #: Prepared modules kept per process; each is reused for every check on its (case, dtype, device).
 PREPARED_CACHE_SIZE = 8
 
@@ -70,9 +75,10 @@ def load(case_id: str, root: Path = golden.VECTORS_DIR) -> golden.GoldenCase:
 
 
 def cast_inputs(case: golden.GoldenCase, dtype: str) -> dict[str, np.ndarray]:
-    """Inputs and weights in ``dtype`` (exact: the stored values are representable); mask stays bool."""
+    """Inputs and weights in ``dtype`` (exact: the stored values are representable); mask stays
+    bool. Always fresh copies: what an adapter does to them cannot reach the case."""
     return {
-        name: arr if arr.dtype == np.bool_ else arr.astype(NUMPY_DTYPES[dtype])
+        name: arr.copy() if arr.dtype == np.bool_ else arr.astype(NUMPY_DTYPES[dtype])
         for name, arr in case.inputs().items()
     }
 
@@ -103,16 +109,87 @@ def prepared(adapter: Adapter, case: golden.GoldenCase, dtype: str, device: str,
 
 def decode_tokens(new_stream: Any, inputs: Mapping[str, np.ndarray]) -> Any:
     """Feed a decoder one token at a time: token t's query, key and value, against everything
-    the adapter cached so far; return the outputs stacked like a full pass's."""
+    the adapter cached so far; return the steps' tensors stacked like a full pass's (every key a
+    step returned, so the check sees what it did not ask for). A step that returns something
+    else is returned as it is, for the check to judge malformed."""
     step = new_stream()  # a fresh cache for every run
-    outputs, meta = [], {}
+    steps, meta = [], {}
     for t in range(inputs["query"].shape[1]):
         result = step({n: inputs[n][:, t : t + 1] for n in ("query", "key", "value")})
-        if not isinstance(result, dict) or not isinstance(result.get("output"), np.ndarray):
-            return result  # judged as a bad result by the check
-        outputs.append(result["output"])
-        meta.update(result.get("meta") or {})  # what ran (kernel, provider), as the steps report it
-    return {"output": np.concatenate(outputs, axis=1), "meta": {**meta, "steps": str(len(outputs))}}
+        tensors = result if isinstance(result, Mapping) else {}
+        arrays = {n: v for n, v in tensors.items() if n != "meta"}
+        if not tensors or not all(isinstance(v, np.ndarray) and v.ndim >= 2 for v in arrays.values()):
+            return result
+        steps.append(arrays)
+        meta.update(tensors.get("meta") or {})  # what ran (kernel, provider), as the steps report it
+    try:
+        stacked = {n: np.concatenate([s[n] for s in steps], axis=1) for n in steps[0]}
+    except (KeyError, ValueError):  # steps disagree on their keys or shapes
+        return steps[0]
+    return {**stacked, "meta": {**meta, "steps": str(len(steps))}}
+
+
+def failure(adapter: Adapter, exc: BaseException, phase: str) -> Execution:
+    """What an exception from the adapter becomes: a skip for NotImplementedError, else an error
+    naming the phase (``prepare`` builds the module, ``call`` runs it)."""
+    if isinstance(exc, NotImplementedError):
+        return Execution("skip", message=f"{adapter.name}: {clip(str(exc), MESSAGE_LIMIT)}")
+    frames = clip("".join(traceback.format_exception(exc, limit=-3)).rstrip(), MESSAGE_LIMIT)
+    where = " while preparing the module" if phase == "prepare" else ""
+    text = clip(str(exc), MESSAGE_LIMIT)
+    return Execution("error", message=f"the adapter raised {type(exc).__name__}{where}: {text}\n{frames}")
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-for-bit equality (NaN payloads included, any dtype)."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def prepare(
+    adapter: Adapter, case: golden.GoldenCase, dtype: str, device: str, op: str = "forward"
+) -> Callable[..., Any] | Execution:
+    """The startup phase: the adapter's prepared callable (built once, cached), or the Execution
+    its failure becomes."""
+    try:
+        return prepared(adapter, case, dtype, device, op)
+    except Exception as exc:
+        return failure(adapter, exc, "prepare")
+
+
+def call(
+    adapter: Adapter,
+    built: Callable[..., Any],
+    case: golden.GoldenCase,
+    dtype: str,
+    op: str = "forward",
+    inputs: Mapping[str, np.ndarray] | None = None,
+) -> Execution:
+    """The call phase: run a prepared callable on the case's runtime inputs (or on ``inputs``,
+    e.g. transformed ones for a property check). The adapter gets its own copies, so it cannot
+    change what later tests read; one that changes them in place fails, since a caller's
+    arrays are not the callee's to overwrite."""
+    given = runtime_inputs(case, dtype, op) if inputs is None else dict(inputs)
+    runtime = {n: np.array(a, copy=True) for n, a in given.items()}
+    try:
+        result = decode_tokens(built, runtime) if op == "decode" else built(runtime)
+    except Exception as exc:
+        return failure(adapter, exc, "call")
+    changed = [n for n, a in runtime.items() if not same_bits(a, np.asarray(given[n]))]
+    if changed:
+        return Execution(
+            "bad-result",
+            message=f"the adapter changed its input {', '.join(repr(n) for n in changed)} in place; "
+            "an implementation must not overwrite the caller's arrays (copy them first)",
+        )
+    if not isinstance(result, Mapping):
+        what = "None" if result is None else f"a {type(result).__name__}"
+        return Execution("bad-result", message=f"the adapter returned {what}, not a dict")
+    try:
+        given_meta = dict(result.get("meta") or {})
+        meta = {str(a)[:100]: str(b)[:META_LIMIT] for a, b in list(given_meta.items())[:META_KEYS]}
+    except Exception as exc:
+        return Execution("bad-result", message=f"the result's 'meta' is not a dict of strings: {exc!r}")
+    return Execution("ok", {**{str(n): v for n, v in result.items() if n != "meta"}, "meta": meta})
 
 
 def execute(
@@ -123,22 +200,11 @@ def execute(
     op: str = "forward",
     inputs: Mapping[str, np.ndarray] | None = None,
 ) -> Execution:
-    """Prepare (once) and run the adapter on a case's runtime inputs (or on ``inputs``, e.g.
-    transformed ones for a property check), in this process."""
-    runtime = runtime_inputs(case, dtype, op) if inputs is None else dict(inputs)
-    try:
-        built = prepared(adapter, case, dtype, device, op)
-        result = decode_tokens(built, runtime) if op == "decode" else built(runtime)
-    except NotImplementedError as exc:
-        return Execution("skip", message=f"{adapter.name}: {exc}")
-    except Exception as exc:
-        frames = "".join(traceback.format_exception(exc, limit=-3)).rstrip()
-        return Execution("error", message=f"the adapter raised {type(exc).__name__}: {exc}\n{frames}")
-    if not isinstance(result, dict):
-        what = "None" if result is None else f"a {type(result).__name__}"
-        return Execution("bad-result", message=f"the adapter returned {what}, not a dict")
-    meta = {str(a): str(b) for a, b in (result.get("meta") or {}).items()}
-    return Execution("ok", {**{n: v for n, v in result.items() if n != "meta"}, "meta": meta})
+    """Prepare (once) and call the adapter, in this process."""
+    built = prepare(adapter, case, dtype, device, op)
+    if isinstance(built, Execution):
+        return built
+    return call(adapter, built, case, dtype, op, inputs)
 
 
 class Runner(Protocol):

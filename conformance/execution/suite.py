@@ -1,8 +1,12 @@
-"""One conformance run's state: the adapters, the cases (loaded once, in one form from load to
-verdict), the runner, every test's parameters and every test's record."""
+"""One conformance run's state: the adapters, the cases (validated at the start, then loaded when
+their tests run, in one form from load to verdict), the runner, every test's parameters and
+every test's record."""
 
 from __future__ import annotations
 
+import math
+import tempfile
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
@@ -19,6 +23,37 @@ from mha_conformance.impls import registry
 from mha_conformance.impls.adapter import Adapter
 from mha_conformance.results import report
 from mha_conformance.vectors import golden
+
+#: Cases whose tensors the suite keeps loaded at once (a property's second run may need another).
+CASES_HELD = 2
+
+
+def positive(option: str, value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise pytest.UsageError(f"{option} must be a positive number (got {value:g}); the default is 2")
+    return value
+
+
+def non_negative(option: str, value: float) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise pytest.UsageError(f"{option} must be a number of seconds >= 0, 0 for no limit (got {value:g})")
+    return value
+
+
+def writable(option: str, path: Path, folder: bool) -> None:
+    """Fail now, before any test runs, if the report (or the history folder) cannot be written:
+    an hour of results must not be lost at the end."""
+    where = path if folder else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".mha-write-check-"):
+            pass
+        if not folder and path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory")
+    except OSError as exc:
+        raise pytest.UsageError(
+            f"{option} {path}: cannot write there ({exc}); choose a writable path"
+        ) from None
 
 
 class Target(NamedTuple):
@@ -41,7 +76,7 @@ class Suite:
 
     def __init__(self, config: pytest.Config) -> None:
         option = config.getoption
-        self.k = option("--k-factor")
+        self.k = positive("--k-factor", option("--k-factor"))
         # pytest's own --strict (strict mode) also turns the advisory probes' findings into failures.
         self.strict = bool(option("strict", False))
         self.device = option("--device")
@@ -52,11 +87,17 @@ class Suite:
         self.adapters = self.resolve(option("--adapter"))
         self.by_name: dict[str, Adapter] = {a.name: a for a in self.adapters}
         self.vectors: Path = option("--vectors")
-        self.cases: dict[str, golden.GoldenCase] = self.load_cases(option("--case") or ["*"])
+        timeouts = [non_negative(name, option(name)) for name in ("--case-timeout", "--startup-timeout")]
+        for name in ("--report", "--history"):
+            if option(name) is not None:
+                writable(name, option(name), folder=name == "--history")
+        self.manifest: dict[str, Any] = {}
+        self.specs: dict[str, dict[str, Any]] = self.validate_cases(option("--case") or ["*"])
+        self.loaded: OrderedDict[str, golden.GoldenCase] = OrderedDict()
         self.worker: Worker | None = None
         self.runner: Runner = InProcess()
         if option("--isolation") == "process":
-            self.worker = Worker(option("--case-timeout"))
+            self.worker = Worker(*timeouts)
             self.runner = Isolated(self.worker)
         self.written: list[Path] = []
         self.write_errors: list[str] = []
@@ -71,17 +112,46 @@ class Suite:
         self.not_installed = [f"{a.name} ({a.missing()})" for a in every if a.missing()]
         return [a for a in every if not a.missing()]
 
-    def load_cases(self, globs: Sequence[str]) -> dict[str, golden.GoldenCase]:
-        """Every selected case, validated now: bad vectors stop the run before any adapter runs."""
+    def validate_cases(self, globs: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Every selected case, validated now (bad vectors stop the run before any adapter runs);
+        only the specs are kept: a case's tensors are loaded when its tests run."""
         try:
-            manifest = golden.read_manifest(self.vectors)
-            ids = [c for c in manifest["cases"] if any(fnmatchcase(c, g) for g in globs)]
-            cases = {c: golden.load_case(c, self.vectors, manifest) for c in ids}
+            self.manifest = golden.read_manifest(self.vectors)
+            unmatched = [g for g in globs if not any(fnmatchcase(c, g) for c in self.manifest["cases"])]
+            if unmatched:
+                raise pytest.UsageError(
+                    f"--case {', '.join(repr(g) for g in unmatched)} matches no case id; the ids are "
+                    f"the keys of {self.vectors / golden.MANIFEST} (e.g. {next(iter(self.manifest['cases']), '-')})"
+                )
+            ids = [c for c in self.manifest["cases"] if any(fnmatchcase(c, g) for g in globs)]
+            return {c: golden.load_case(c, self.vectors, self.manifest).spec for c in ids}
         except golden.VectorError as exc:
             raise pytest.UsageError(f"golden vectors: {exc}") from None
-        if not cases:
-            raise pytest.UsageError(f"--case {list(globs)} matches no case id; see vectors/MANIFEST.json")
-        return cases
+
+    def case(self, case_id: str) -> golden.GoldenCase:
+        """A case's tensors, loaded (and re-verified) when its tests run; the suite keeps the last
+        few, and runs each case's tests together (``order``), so memory stays flat."""
+        if case_id in self.loaded:
+            self.loaded.move_to_end(case_id)
+            return self.loaded[case_id]
+        self.loaded[case_id] = golden.load_case(case_id, self.vectors, self.manifest)
+        while len(self.loaded) > CASES_HELD:
+            self.loaded.popitem(last=False)
+        return self.loaded[case_id]
+
+    def order(self, items: list[pytest.Item]) -> None:
+        """Within each test module, every test of one case together (catalogue order), so each
+        case is loaded once per module; the modules keep their order."""
+        rank = {c: i for i, c in enumerate(self.specs)}
+
+        def key(pair: tuple[int, pytest.Item]) -> tuple[Any, ...]:
+            index, item = pair
+            params = getattr(item, "callspec", None) and item.callspec.params
+            target = (params or {}).get("target")
+            case_rank = rank.get(target.case, -1) if isinstance(target, Target) else -1
+            return (str(item.path), case_rank, index)
+
+        items[:] = [item for _, item in sorted(enumerate(items), key=key)]
 
     def devices(self, adapter: Adapter) -> list[str]:
         if self.device != "all":
@@ -95,15 +165,15 @@ class Suite:
             check = CHECKS[name]
             for adapter in self.adapters:
                 for device in self.devices(adapter):
-                    for case in self.cases.values():
-                        if not check.applies(case.spec):
+                    for case_id, spec in self.specs.items():
+                        if not check.applies(spec):
                             continue
-                        listed = [d for d in case.spec["dtypes"] if d in adapter.dtypes]
+                        listed = [d for d in spec["dtypes"] if d in adapter.dtypes]
                         for dtype in self.dtypes or listed:
-                            target = Target(name, adapter.name, device, dtype, case.id)
+                            target = Target(name, adapter.name, device, dtype, case_id)
                             # An advisory probe reports a finding rather than failing: nothing to declare.
                             advisory = check.advisory and not self.strict
-                            reason = None if advisory else adapter.divergence(name, case.spec, dtype, device)
+                            reason = None if advisory else adapter.divergence(name, spec, dtype, device)
                             marks = [pytest.mark.xfail(reason=f"declared divergence: {reason}", strict=False)]
                             out.append(pytest.param(target, id=target.id, marks=marks if reason else []))
         return out
@@ -114,7 +184,7 @@ class Suite:
         return run_check(
             CHECKS[target.check],
             self.by_name[target.adapter],
-            self.cases[target.case],
+            self.case(target.case),
             target.dtype,
             target.device,
             k=self.k,

@@ -4,9 +4,11 @@ implementation under test becomes one failed test instead of the end of the run.
 The suite starts one worker (``python -m mha_conformance.execution.worker``) and sends it one request per
 test over a pipe; the worker resolves the adapter by the same reference the user gave
 (``--adapter``), keeps each prepared module for reuse, runs it and sends back the arrays.
-Messages are a JSON header plus raw array bytes (never pickle). A worker that does not
-answer within the case timeout is killed with its process group, and one that dies is
-reported with its exit code or signal; either way the next test gets a fresh worker.
+Messages are a JSON header plus raw array bytes (never pickle). The worker answers each request
+twice: "ready" once the module is prepared, then the result; startup and call have their own
+limits, and a worker past either is killed with its process group and the test names the phase.
+One that dies is reported with its exit code or signal; either way the next test gets a fresh
+worker. The worker holds one case at a time, so its memory does not grow with the catalogue.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ CASE_TENSORS = (
     "mask",
     "grad_output",
 )
-#: Startup (imports of the framework under test, e.g. TensorFlow's ~6 s) gets its own allowance.
+#: Startup (a fresh worker's imports, e.g. TensorFlow's ~6 s, the adapter's ``prepare``, a first
+#: jit compilation) has its own limit, apart from the call's (``--startup-timeout``).
 STARTUP_TIMEOUT = 300.0
 
 
@@ -108,12 +111,17 @@ def read_frame(fd: int, deadline: float | None = None) -> bytes | None:
 
 
 class Worker:
-    """The suite's side: one worker process, restarted after a crash or a timeout."""
+    """The suite's side: one worker process, restarted after a crash or a timeout.
 
-    def __init__(self, timeout: float) -> None:
+    Each request has two phases with their own limits: startup (a fresh process's imports, the
+    adapter's import and ``prepare``), bounded by ``startup_timeout``, and the call, bounded by
+    ``timeout`` (``--case-timeout``) from the moment the worker reports the module ready."""
+
+    def __init__(self, timeout: float, startup_timeout: float = STARTUP_TIMEOUT) -> None:
         self.timeout = timeout
+        self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
-        self.sent: set[str] = set()  # cases this worker process already holds
+        self.holds: str | None = None  # the one case this worker process holds
 
     def _start(self) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -124,7 +132,7 @@ class Worker:
             env=env,
             start_new_session=True,
         )
-        self.sent = set()
+        self.holds = None
 
     def stop(self) -> None:
         if self.proc is None:
@@ -138,6 +146,27 @@ class Worker:
             stream.close()
         self.proc = None
 
+    def _read(self, limit: float) -> bytes | None:
+        return read_frame(self.proc.stdout.fileno(), time.monotonic() + limit if limit > 0 else None)
+
+    def _timed_out(self, phase: str) -> Execution:
+        self.stop()
+        if phase == "startup":
+            what = (
+                f"the adapter's startup (worker start, imports and prepare) did not finish within "
+                f"{self.startup_timeout:g} s (--startup-timeout)"
+            )
+        else:
+            what = f"the adapter call did not finish within {self.timeout:g} s (--case-timeout)"
+        return Execution("timeout", message=f"{what}; its worker was killed")
+
+    def _died(self) -> Execution:
+        code = self.proc.wait()
+        self.stop()
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        hint = " (SIGKILL: often the kernel's out-of-memory killer)" if code == -signal.SIGKILL else ""
+        return Execution("crash", message=f"the adapter's worker process died with {how}{hint}")
+
     def execute(
         self,
         ref: str,
@@ -147,9 +176,9 @@ class Worker:
         op: str = "forward",
         inputs: dict[str, np.ndarray] | None = None,
     ) -> Execution:
-        """Run one request; ``case`` (a GoldenCase) travels with the first request that needs it."""
-        fresh = self.proc is None or self.proc.poll() is not None
-        if fresh:
+        """Run one request; ``case`` (a GoldenCase) travels with the first request that needs it,
+        and replaces the one the worker held."""
+        if self.proc is None or self.proc.poll() is not None:
             self.stop()
             self._start()
         request = {
@@ -161,30 +190,23 @@ class Worker:
             "inputs": sorted(inputs or {}),
         }
         arrays = dict(inputs or {})
-        if case.id not in self.sent:
+        if case.id != self.holds:
             request["spec"] = case.spec
             arrays.update({f"case/{n}": a for n, a in case.tensors.items() if n in CASE_TENSORS})
-        limit = self.timeout + (STARTUP_TIMEOUT if fresh else 0.0) if self.timeout > 0 else None
+        phase = "startup"
         try:
             write_frame(self.proc.stdin.fileno(), encode(request, arrays))
-            payload = read_frame(
-                self.proc.stdout.fileno(), None if limit is None else time.monotonic() + limit
-            )
+            payload = self._read(self.startup_timeout)
+            if payload is not None and decode(payload)[0].get("phase") == "ready":
+                phase = "call"
+                payload = self._read(self.timeout)
         except TimeoutError:
-            self.stop()
-            return Execution(
-                "timeout",
-                message=f"the adapter did not finish within {self.timeout:g} s (--case-timeout); its worker was killed",
-            )
+            return self._timed_out(phase)
         except BrokenPipeError:
             payload = None
         if payload is None:
-            code = self.proc.wait()
-            self.stop()
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            hint = " (SIGKILL: often the kernel's out-of-memory killer)" if code == -signal.SIGKILL else ""
-            return Execution("crash", message=f"the adapter's worker process died with {how}{hint}")
-        self.sent.add(case.id)
+            return self._died()
+        self.holds = case.id
         header, arrays = decode(payload)
         others = {name: harness.NotAnArray(kind) for name, kind in header.get("not_arrays", {}).items()}
         result = {**arrays, **others, "meta": header.get("meta", {})}
@@ -200,7 +222,7 @@ def serve() -> None:
     proto_out = os.dup(1)
     os.dup2(2, 1)
     adapters: dict[str, Any] = {}
-    cases: dict[str, golden.GoldenCase] = {}
+    case: golden.GoldenCase | None = None  # the one case held; a new one replaces it
     while True:
         payload = read_frame(0)
         if payload is None:
@@ -209,25 +231,25 @@ def serve() -> None:
         try:
             if request["adapter"] not in adapters:
                 (adapters[request["adapter"]],) = registry.resolve([request["adapter"]])
+            adapter = adapters[request["adapter"]]
             if "spec" in request:
                 tensors = {n.removeprefix("case/"): a for n, a in arrays.items() if n.startswith("case/")}
-                cases[request["case"]] = golden.GoldenCase(request["spec"], tensors, {}, Path("<sent>"))
-            inputs = {n: arrays[n] for n in request["inputs"]} if request["inputs"] else None
-            ex = harness.execute(
-                adapters[request["adapter"]],
-                cases[request["case"]],
-                request["dtype"],
-                request["device"],
-                request.get("op", "forward"),
-                inputs,
-            )
+                case = golden.GoldenCase(request["spec"], tensors, {}, Path("<sent>"))
+            op = request.get("op", "forward")
+            built = harness.prepare(adapter, case, request["dtype"], request["device"], op)
+            if isinstance(built, Execution):
+                ex = built
+            else:
+                write_frame(proto_out, encode({"phase": "ready"}))
+                inputs = {n: arrays[n] for n in request["inputs"]} if request["inputs"] else None
+                ex = harness.call(adapter, built, case, request["dtype"], op, inputs)
         except Exception as exc:  # the harness itself failed inside the worker
             ex = Execution("error", message=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-4)}")
         arrays = {k: v for k, v in ex.result.items() if isinstance(v, np.ndarray)}
         others = {k: harness.kind_of(v) for k, v in ex.result.items() if k != "meta" and k not in arrays}
         meta = ex.result.get("meta") or {}
-        header = {"status": ex.status, "message": ex.message, "meta": meta, "not_arrays": others}
-        write_frame(proto_out, encode(header, arrays))
+        header = {"phase": "result", "status": ex.status, "message": ex.message, "meta": meta}
+        write_frame(proto_out, encode({**header, "not_arrays": others}, arrays))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mha_conformance.checks.skeleton import output_problems
 from mha_conformance.impls.adapter import Adapter, refusal
 from mha_conformance.impls.variants.conventions import REFERENCE, Convention, attention
 from mha_conformance.vectors.catalogue import spec as make_spec
@@ -183,7 +184,10 @@ def run_adapter(adapter: Adapter, prepare: Callable, probe: Probe, inputs: Mappi
         return f"n/a: {exc}"
     except Exception as exc:  # a probe reports what happened; it never stops the matrix
         return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    return np.asarray(result["output"], np.float64)
+    problems = output_problems(result, probe.spec, DTYPE)
+    if problems:
+        return f"error: {problems[0][:200]}"
+    return result["output"].astype(np.float64)
 
 
 def classify(probe: Probe, adapter: Adapter) -> dict[str, Any]:

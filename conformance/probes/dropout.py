@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mha_conformance.checks.skeleton import output_problems
 from mha_conformance.impls.adapter import Adapter, refusal
 from mha_conformance.vectors.catalogue import spec as make_spec
 
@@ -102,12 +103,17 @@ def check_dropout(adapter: Adapter, p: float = P, tk: int = TK, calls: int = CAL
         return {"verdict": "n/a", "detail": reason}
     try:
         train = adapter.prepare_training(case, spec, DTYPE, "cpu")
-        outputs = [np.asarray(train(dict(inputs))["output"]) for _ in range(calls)]
-        evaluated = np.asarray(adapter.prepare(case, spec, DTYPE, "cpu")(dict(inputs))["output"], np.float64)
+        results = [train(dict(inputs)) for _ in range(calls)]
+        results.append(adapter.prepare(case, spec, DTYPE, "cpu")(dict(inputs)))
     except NotImplementedError as exc:
         return {"verdict": "n/a", "detail": str(exc)}
     except Exception as exc:  # reported, never raised: one adapter must not stop the others
         return {"verdict": "error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
+    problems = [problem for r in results for problem in output_problems(r, spec, DTYPE)]
+    if problems:
+        return {"verdict": "error", "detail": problems[0][:300]}
+    outputs = [r["output"] for r in results[:-1]]
+    evaluated = results[-1]["output"].astype(np.float64)
     training = judge_training(outputs, p, tk)
     eval_err = float(np.max(np.abs(evaluated * tk - 1)))
     eval_ok = eval_err <= RESCALE_RTOL

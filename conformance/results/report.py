@@ -17,6 +17,19 @@ from pathlib import Path
 from typing import Any
 
 REPORT_FORMAT = "1"
+#: The most characters of one test's reason kept (an adapter's exception message can be any size).
+REASON_LIMIT = 20_000
+
+
+def clip(text: str, limit: int = REASON_LIMIT) -> str:
+    """``text`` cut to about ``limit`` characters, keeping its head and its tail (where the
+    reproduce line is), and saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 3 // 4, limit // 4
+    return f"{text[:head]}\n... [{len(text) - head - tail} characters cut] ...\n{text[-tail:]}"
+
+
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "finding")
 
 
