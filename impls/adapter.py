@@ -8,9 +8,13 @@ Two forms, both first-class (docs/adapters.md, "Writing an adapter"):
   The result has ``output`` and optionally ``attn_weights`` ([B, H, Tq, Tk]) as NumPy
   arrays in ``dtype``, and optionally ``meta`` (a dict of strings, e.g. the kernel that
   ran). Raising ``NotImplementedError("why")`` means unsupported: a skip with that reason.
-  Optional attributes on the function: ``devices``, ``dtypes``, ``divergences``.
+  Optional attributes on the function: ``devices``, ``dtypes``, ``divergences``, ``variants``.
 * **A class** deriving from :class:`Adapter`, which also states its devices and dtypes,
   prepares a module once per (case, dtype, device) and declares known divergences.
+
+``variants`` lists the attention variants of contract v2 the implementation expresses
+(``attn_bias``, ``softcap``, ``window``, ``kv_lengths``; impls/reference.py): a case that uses
+any other is a skip naming what is missing, so an adapter written for contract v1 keeps passing.
 
 ``divergences`` declares where an implementation is known to differ from the reference in
 semantics, and why: a list of :class:`Divergence` (a reason, fnmatch globs on the check, case id,
@@ -30,9 +34,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from mha_conformance.impls.reference import VARIANTS, case_variants
+
 ALL_DTYPES = ("float64", "float32", "float16", "bfloat16")
 #: Runtime inputs an adapter's prepared callable receives; weights are fixed at prepare time.
-RUNTIME_INPUTS = ("query", "key", "value", "mask")
+RUNTIME_INPUTS = ("query", "key", "value", "mask", "attn_bias")
 
 Result = dict[str, Any]
 Prepared = Callable[[Mapping[str, np.ndarray]], Result]
@@ -94,7 +100,20 @@ def refusal(adapter: Adapter, spec: Spec, dtype: str, device: str) -> str | None
             f"case {spec['id']} does not list {dtype}" if listed is not None and dtype not in listed else None
         )
         or (None if dtype in adapter.dtypes else f"{adapter.name} does not support {dtype}")
+        or unexpressed(adapter, spec)
         or adapter.supports(spec, dtype, device)
+    )
+
+
+def unexpressed(adapter: Adapter, spec: Spec) -> str | None:
+    """Why ``adapter`` cannot run a case for the variants it uses, else None."""
+    missing = [v for v in case_variants(spec) if v not in adapter.variants]
+    if not missing:
+        return None
+    return (
+        f"{adapter.name} does not express {' or '.join(missing)} (case {spec['id']} uses "
+        f"{', '.join(case_variants(spec))}; the adapter's `variants` lists {sorted(adapter.variants) or 'none'}; "
+        "docs/semantics.md#variants)"
     )
 
 
@@ -107,6 +126,8 @@ class Adapter:
     framework: ClassVar[str | None] = None
     extra: ClassVar[str | None] = None
     dtypes: ClassVar[tuple[str, ...]] = ALL_DTYPES
+    #: The contract-v2 variants the implementation expresses (a subset of ``VARIANTS``).
+    variants: ClassVar[frozenset[str]] = frozenset()
     divergences: ClassVar[Divergences] = ()
     #: A sentence for the README's adapter table: what code path this adapter runs.
     path: ClassVar[str] = ""
@@ -142,7 +163,9 @@ class Adapter:
 
     def prepare(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
         """Build the module once for (case, dtype, device); return a callable taking the
-        runtime inputs (``query key value`` and ``mask``) and returning the result dict."""
+        runtime inputs (``query key value``, and ``mask`` and ``attn_bias`` where the case has them)
+        and returning the result dict. ``spec`` states the other variants (``softcap``, ``window``,
+        ``kv_lengths``)."""
         raise NotImplementedError(f"{type(self).__name__}.prepare is not written")
 
     def bench(self, case: Arrays, spec: Spec, dtype: str, device: str):
@@ -171,7 +194,8 @@ class Adapter:
         """An incremental (KV-cache) mode, for causal self-attention: return a factory that
         starts a new stream with an empty cache; the stream takes one token's ``query key
         value`` ([B, 1, d]) and returns ``{"output": [B, 1, d_out]}`` for that token, attending
-        to every token fed so far. Raise NotImplementedError where there is no such mode."""
+        to every token fed so far (with the case's softcap and window, and row t of its
+        ``attn_bias`` for token t). Raise NotImplementedError where there is no such mode."""
         raise NotImplementedError(f"{self.name} has no incremental decoding mode")
 
     def versions(self) -> dict[str, str]:
@@ -211,6 +235,10 @@ class FunctionAdapter(Adapter):
         self.name = name  # type: ignore[misc]  # instance names for function adapters
         self.dtypes = tuple(getattr(fn, "dtypes", ALL_DTYPES))  # type: ignore[misc]
         self.divergences = as_divergences(getattr(fn, "divergences", {}))  # type: ignore[misc]
+        self.variants = frozenset(getattr(fn, "variants", ()))  # type: ignore[misc]
+        unknown = sorted(self.variants - set(VARIANTS))
+        if unknown:
+            raise ValueError(f"adapter {name}: unknown variants {unknown}; the contract has {list(VARIANTS)}")
         self._devices = list(getattr(fn, "devices", ["cpu"]))
 
     def devices(self) -> list[str]:

@@ -30,6 +30,7 @@ from mha_conformance.impls.reference import (
     PROJECTIONS,
     Array,
     backward,
+    bias_gradient,
     forward,
     merge_heads,
     split_heads,
@@ -43,7 +44,9 @@ def chain_terms(spec: Mapping[str, Any]) -> dict[str, int]:
     h, hd, hdv = spec["num_heads"], spec["head_dim"], spec["v_head_dim"]
     b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
     group = h // spec["num_kv_heads"]
-    logits = max(spec["d_in"], spec["kdim"], spec["vdim"]) + hd
+    # A softcap adds a division, a tanh and a product; a bias one sum (elementwise steps).
+    cap = 3 if spec.get("softcap") is not None else 0
+    logits = max(spec["d_in"], spec["kdim"], spec["vdim"]) + hd + cap + (spec.get("attn_bias") is not None)
     weights = logits + tk
     terms = {"attn_weights": weights, "output": weights + (h * hdv if spec["out_proj"] else 0)}
     d_context = 0
@@ -53,6 +56,11 @@ def chain_terms(spec: Mapping[str, Any]) -> dict[str, int]:
         d_context = spec["d_out"]
     d_weights = max(d_context + hdv, weights)
     d_scores = d_weights + tk
+    if spec.get("attn_bias") is not None:
+        shape = spec["attn_bias"]["shape"]
+        summed = (b if shape[0] == 1 else 1) * (h if shape[1] == 1 else 1)
+        terms["grad_attn_bias"] = d_scores + summed
+    d_scores += 2 * cap  # the softcap's derivative 1 - tanh^2
     chains = {"q": d_scores + tk, "k": d_scores + tq, "v": d_weights + tq}
     widths = {"q": h * hd, "k": h // group * hd, "v": h // group * hdv}  # each projection's output width
     for short, name in PROJECTIONS[:3]:
@@ -101,6 +109,16 @@ def rms_arrays(
     k2 = np.repeat(split_heads(squared_linear("key", "k"), hkv, hd), group, axis=1)
     v2 = np.repeat(split_heads(squared_linear("value", "v"), hkv, hdv), group, axis=1)
     logits = np.where(fw.allowed, np.sqrt(q2 @ k2.swapaxes(-1, -2)) * scale, 0.0)
+    slope = 1.0  # the logits' sensitivity to the raw scores: the softcap's derivative where it has one
+    if fw.capped is not None:
+        # c * tanh(s / c) passes an error in s on times 1 - tanh^2 and rounds at its own value; the
+        # derivative 1 - t^2, formed from a tanh t rounded relatively, errs by ~2 t^2 units in absolute
+        # terms (it cancels where tanh saturates), so the backward keeps that scale.
+        slope = 1.0 - fw.capped**2
+        logits = np.sqrt((slope * logits) ** 2 + (spec["softcap"] * fw.capped) ** 2)
+        slope = np.sqrt(slope**2 + (2.0 * fw.capped**2) ** 2)
+    if "attn_bias" in t:
+        logits = np.where(fw.allowed, np.sqrt(logits**2 + fw.scores**2), 0.0)  # the sum rounds at its value
     shared = (weights * logits).sum(axis=-1, keepdims=True)
     w_scale = weights * (1.0 + logits * (1.0 - weights) + shared - weights * logits)
     context2 = merge_heads(w_scale**2 @ v2)
@@ -119,6 +137,9 @@ def rms_arrays(
         d_heads2 = split_heads(d2, h, hdv)
         d_w2 = d_heads2 @ v2.swapaxes(-1, -2)
         d_scores2 = w_scale**2 * (d_w2 + (w_scale**2 * d_w2).sum(axis=-1, keepdims=True))
+        if "attn_bias" in t:
+            squares["grad_attn_bias"] = bias_gradient(EXACT, d_scores2, t["attn_bias"].shape)
+        d_scores2 = d_scores2 * slope**2
         chains = {
             "q": merge_heads(d_scores2 @ k2) * scale**2,
             "k": merge_heads(sum_groups(EXACT, d_scores2.swapaxes(-1, -2) @ q2, group)) * scale**2,

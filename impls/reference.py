@@ -13,6 +13,17 @@ Canonical semantics (docs/semantics.md):
   and a context row of 0, never NaN.
 * Heads are concatenated to [B, Tq, H*hdv]; the output projection is optional.
 
+The variants of contract v2 (vector format 3, docs/semantics.md#variants), each optional:
+
+* ``softcap`` c: the scaled scores become ``c * tanh(scores / c)``, before the bias and masking.
+* ``attn_bias`` [B|1, H|1, Tq, Tk]: added to the (capped) scores; ``-inf`` means masked.
+* ``kv_lengths`` [B]: keys ``j >= kv_lengths[b]`` are excluded; each batch row's causal and
+  window rules are then aligned to its own length: its query i sits at position
+  ``p = i + kv_lengths[b] - Tq`` (``i + Tk - Tq`` without lengths).
+* ``window`` [left, right] (-1 unbounded): key j is allowed iff ``p - left <= j <= p + right``.
+
+Every rule that excludes keys (mask, causal, window, lengths, ``-inf`` bias) intersects.
+
 The same forward and backward also run in emulated low precision (:class:`Precision`) and
 in any of several valid orders of operations (:class:`Algorithm`): the generator measures
 each dtype's precision baseline as the worst error over that ensemble (:data:`ENSEMBLE`).
@@ -279,8 +290,9 @@ class Forward:
     v: Array  # [B, H, Tk, hdv]
     context: Array  # [B, Tq, H*hdv], before the output projection
     scale: float
-    scores: Array | None = None  # [B, H, Tq, Tk] as the algorithm formed them (emulations only)
+    scores: Array | None = None  # [B, H, Tq, Tk] the logits as the algorithm formed them
     lse: Array | None = None  # [B, H, Tq, 1] logsumexp of the online softmax (emulations only)
+    capped: Array | None = None  # [B, H, Tq, Tk] tanh(scores / softcap), where the case has a softcap
 
 
 def default_scale(spec: Mapping[str, Any]) -> float:
@@ -289,20 +301,45 @@ def default_scale(spec: Mapping[str, Any]) -> float:
     return float(scale) if scale is not None else 1.0 / float(np.sqrt(spec["head_dim"]))
 
 
-def allowed_keys(spec: Mapping[str, Any], mask: Array | None) -> Array:
+#: The optional variants of contract v2, by the spec key that states each.
+VARIANTS = ("attn_bias", "softcap", "window", "kv_lengths")
+
+
+def case_variants(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    """The contract-v2 variants a case uses (empty for every format 1 and 2 case)."""
+    return tuple(v for v in VARIANTS if spec.get(v) is not None)
+
+
+def allowed_keys(spec: Mapping[str, Any], mask: Array | None, attn_bias: Array | None = None) -> Array:
     """Boolean [B, H, Tq, Tk]: may query i of head h attend key j?
 
-    Combines the explicit mask (True = may attend) with the causal rule ``j <= i + Tk - Tq``,
-    which is bottom-right aligned: the last query sees every key, as in KV-cache decoding.
+    The intersection of: the explicit mask (True = may attend); the bias's finite entries
+    (``-inf`` = masked); the keys below each batch row's ``kv_lengths``; the causal rule
+    ``j <= p``; the window ``p - left <= j <= p + right``. Query i's position p is
+    ``i + L - Tq`` with L the row's key length (Tk without ``kv_lengths``): bottom-right
+    aligned, so the last query sees every key, as in KV-cache decoding.
     """
     b, h, tq, tk = spec["batch"], spec["num_heads"], spec["q_len"], spec["kv_len"]
     allowed = np.ones((b, h, tq, tk), dtype=bool)
     if mask is not None:
         allowed &= np.broadcast_to(np.asarray(mask, dtype=bool), allowed.shape)
+    if attn_bias is not None:
+        allowed &= np.broadcast_to(np.asarray(attn_bias, np.float64) != -np.inf, allowed.shape)
+    lengths = spec.get("kv_lengths")
+    ends = np.full(b, tk) if lengths is None else np.asarray(lengths, dtype=np.int64)
+    j = np.arange(tk)[None, None, None, :]
+    position = np.arange(tq)[None, None, :, None] + (ends - tq)[:, None, None, None]  # [B, 1, Tq, 1]
+    if lengths is not None:
+        allowed &= j < ends[:, None, None, None]
     if spec["causal"]:
-        i = np.arange(tq)[:, None]
-        j = np.arange(tk)[None, :]
-        allowed &= j <= i + (tk - tq)
+        allowed &= j <= position
+    window = spec.get("window")
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            allowed &= j >= position - left
+        if right >= 0:
+            allowed &= j <= position + right
     return allowed
 
 
@@ -340,6 +377,25 @@ def _scores(ar: Arithmetic, q: Array, k: Array, scale: float) -> Array:
     elif where == "after":  # Q K^T stored in the dtype, then multiplied by the dtype's scale
         product = ar.acc(ar.round(product)) * ar.acc(ar.round(np.float64(scale)))
     return product if ar.alg.key_block else ar.round(product)
+
+
+def _logits(
+    ar: Arithmetic, scores: Array, spec: Mapping[str, Any], attn_bias: Array | None, allowed: Array
+) -> tuple[Array, Array | None]:
+    """The scaled scores with the softcap, then the bias, applied: each an elementwise step in the
+    accumulation dtype, rounded to the dtype unless the online softmax keeps the scores there.
+    Returns the logits and ``tanh(scores / softcap)`` (None without a softcap)."""
+    keep = (lambda x: x) if ar.alg.key_block and not ar.exact else ar.round
+    capped = None
+    cap = spec.get("softcap")
+    if cap is not None:
+        c = ar.acc(ar.round(np.float64(cap)))
+        capped = ar.acc(np.tanh(np.asarray(ar.acc(ar.acc(scores) / c), np.float64)))
+        scores = keep(capped * c)
+    if attn_bias is not None:
+        bias = np.broadcast_to(ar.acc(ar.round(attn_bias)), scores.shape)
+        scores = keep(np.where(allowed, ar.acc(scores) + np.where(allowed, bias, ar.acc(0.0)), scores))
+    return scores, capped
 
 
 def _normalise(ar: Arithmetic, x: Array, total: Array) -> Array:
@@ -396,7 +452,7 @@ def forward(
     """Multi-head attention forward pass.
 
     ``tensors`` holds ``query key value w_q w_k w_v`` (and ``w_o`` when ``out_proj``),
-    the biases the case has (``b_q b_k b_v b_o``) and optionally ``mask``. In the default
+    the biases the case has (``b_q b_k b_v b_o``) and optionally ``mask`` and ``attn_bias``. In the default
     float64 precision this is the truth; other precisions emulate a dtype (see
     :class:`Precision`), in the order of operations ``algorithm`` describes, to measure what
     that dtype can achieve.
@@ -419,8 +475,9 @@ def forward(
     k = np.repeat(k, group, axis=1)  # query head h reads kv head h // group
     v = np.repeat(v, group, axis=1)
 
-    allowed = allowed_keys(spec, tensors.get("mask"))
-    scores = _scores(ar, q, k, scale)
+    attn_bias = tensors.get("attn_bias")
+    allowed = allowed_keys(spec, tensors.get("mask"), attn_bias)
+    scores, capped = _logits(ar, _scores(ar, q, k, scale), spec, attn_bias, allowed)
     lse = None
     if algorithm.key_block and not ar.exact:
         heads, weights, lse = _online_attention(ar, scores, allowed, v)
@@ -429,7 +486,7 @@ def forward(
         heads = ar.round(ar.matmul(weights, v))
     context = merge_heads(heads)
     output = _linear(ar, context, get("w_o"), get("b_o")) if spec["out_proj"] else context
-    return Forward(output, weights, allowed, q, k, v, context, scale, scores, lse)
+    return Forward(output, weights, allowed, q, k, v, context, scale, scores, lse, capped)
 
 
 # ---------------------------------------------------------------------------- backward
@@ -439,6 +496,15 @@ def sum_groups(ar: Arithmetic, x: Array, group: int) -> Array:
     """[B, H, T, w] -> [B, H/group, T, w]: gradients of repeated kv heads add up."""
     b, h, t, w = x.shape
     return ar.sum(x.reshape(b, h // group, group, t, w), 2, reduction=True)
+
+
+def bias_gradient(ar: Arithmetic, d_logits: Array, shape: tuple[int, ...]) -> Array:
+    """The gradient of an additive bias of ``shape`` [B|1, H|1, Tq, Tk]: the logits' gradient
+    summed over the batch and head axes the bias broadcasts along."""
+    for axis in (0, 1):
+        if shape[axis] == 1 and d_logits.shape[axis] != 1:
+            d_logits = ar.sum(d_logits, axis, reduction=True)[(slice(None),) * axis + (None,)]
+    return ar.round(d_logits)
 
 
 def _softmax_backward(ar: Arithmetic, fw: Forward, d_heads: Array) -> tuple[Array, Array]:
@@ -480,7 +546,8 @@ def backward(
 ) -> dict[str, Array]:
     """Gradients of ``sum(output * grad_output)`` with respect to every input and weight.
 
-    Returns ``grad_<name>`` for ``query key value`` and every weight and bias present.
+    Returns ``grad_<name>`` for ``query key value``, every weight and bias present and
+    ``attn_bias`` where the case has one (summed over the axes it broadcasts along).
     ``query``, ``key`` and ``value`` are treated as separate arguments even when a
     self-attention case stores the same array three times. In the default float64 this is
     the truth; another precision emulates a dtype as the forward does: the backward runs on
@@ -516,6 +583,10 @@ def backward(
         d_context = ar.round(ar.matmul(d_context, ar.round(tensors["w_o"]).T))
 
     d_scores, d_v = _softmax_backward(ar, fw, split_heads(d_context, h, hdv))
+    if "attn_bias" in tensors:
+        grads["grad_attn_bias"] = bias_gradient(ar, d_scores, np.shape(tensors["attn_bias"]))
+    if fw.capped is not None:  # d/dx c * tanh(x / c) = 1 - tanh(x / c)^2
+        d_scores = ar.round(ar.acc(d_scores) * (ar.acc(1.0) - fw.capped * fw.capped))
     scale = precision.accumulate(fw.scale)
     d_q = ar.round(ar.matmul(d_scores, fw.k) * scale)
     d_k = ar.round(ar.matmul(d_scores.swapaxes(-1, -2), fw.q) * scale)

@@ -26,10 +26,14 @@ from tests.loop_impls import per_head
 
 
 def good(case, spec, dtype, device):
-    """A correct adapter written independently of the reference (head by head, explicit loops)."""
+    """A correct adapter written independently of the reference (head by head, explicit loops),
+    for every variant of contract v2."""
     f64 = {k: v if v.dtype == np.bool_ else v.astype(np.float64) for k, v in case.items()}
     out, _ = per_head(spec, f64)
     return {"output": out.astype(case["query"].dtype)}
+
+
+good.variants = reference.VARIANTS
 
 
 def returns_tensor(case, spec, dtype, device):
@@ -47,6 +51,7 @@ class Faulty(Adapter):
     result (and the inputs the suite passed) and returns what the adapter hands back."""
 
     dtypes = ALL_DTYPES
+    variants = frozenset(reference.VARIANTS)
     #: How the fault shows, as the test expects to read it in the failure message.
     shows: ClassVar[str] = ""
     #: The fault ends or stops the process: out of scope with --isolation none.
@@ -90,6 +95,8 @@ class Faulty(Adapter):
                     seen[name].append(token[name].astype(np.float64))
                 prefix = {n: np.concatenate(a, axis=1) for n, a in seen.items()}
                 t = prefix["query"].shape[1]
+                if "attn_bias" in case:  # the rows and keys of the tokens so far
+                    prefix["attn_bias"] = case["attn_bias"][..., :t, :t].astype(np.float64)
                 out = reference.forward({**weights, **prefix}, {**spec, "q_len": t, "kv_len": t}).output
                 return self.fault({"output": out[:, -1:].astype(token["query"].dtype)}, token)
 

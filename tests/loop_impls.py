@@ -8,6 +8,7 @@ times in three different ways.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -17,14 +18,40 @@ def _proj(t: dict, x: str, short: str) -> np.ndarray:
     return y + t[f"b_{short}"] if f"b_{short}" in t else y
 
 
+def _bias(t: dict, b: int, h: int, i: int, j: int) -> float:
+    if "attn_bias" not in t:
+        return 0.0
+    a = t["attn_bias"]
+    return float(a[b % a.shape[0], h % a.shape[1], i, j])
+
+
 def _may_attend(spec: dict, t: dict, b: int, h: int, i: int, j: int) -> bool:
     ok = True
     if "mask" in t:
         m = t["mask"]
         ok = bool(m[b % m.shape[0], h % m.shape[1], i % m.shape[2], j % m.shape[3]])
-    if spec["causal"]:
-        ok = ok and j <= i + spec["kv_len"] - spec["q_len"]
-    return ok
+    length = spec["kv_len"] if spec.get("kv_lengths") is None else spec["kv_lengths"][b]
+    p = i + length - spec["q_len"]  # this query's position among its row's keys
+    left, right = spec.get("window") or (-1, -1)
+    return (
+        ok
+        and j < length
+        and not (spec["causal"] and j > p)
+        and not (0 <= left < p - j)
+        and not (0 <= right < j - p)
+        and _bias(t, b, h, i, j) != -math.inf
+    )
+
+
+def _logit(
+    spec: dict, t: dict, raw: float, b: int, h: int, i: int, j: int, softcap_last: bool = False
+) -> float:
+    """Softcap, then bias, on one scaled score (``softcap_last``: the wrong order, for mutants)."""
+    cap = spec.get("softcap")
+    if softcap_last:
+        raw += _bias(t, b, h, i, j)
+    capped = cap * math.tanh(raw / cap) if cap else raw
+    return capped if softcap_last else capped + _bias(t, b, h, i, j)
 
 
 def _scale(spec: dict) -> float:
@@ -38,8 +65,11 @@ def _finish(spec: dict, t: dict, context: np.ndarray) -> np.ndarray:
     return out + t["b_o"] if "b_o" in t else out
 
 
-def per_head(spec: dict, t: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Attention computed head by head with explicit column slices (the seed wrapper's view)."""
+def per_head(
+    spec: dict, t: dict, may_attend: Callable[..., bool] = _may_attend, softcap_last: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Attention computed head by head with explicit column slices (the seed wrapper's view).
+    ``may_attend`` and ``softcap_last`` let a test adapter get one rule wrong."""
     B, Tq, Tk = spec["batch"], spec["q_len"], spec["kv_len"]
     H, Hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
     q, k, v = _proj(t, "query", "q"), _proj(t, "key", "k"), _proj(t, "value", "v")
@@ -51,8 +81,17 @@ def per_head(spec: dict, t: dict) -> tuple[np.ndarray, np.ndarray]:
             qh = q[b][:, h * hd : (h + 1) * hd]
             kh = k[b][:, g * hd : (g + 1) * hd]
             vh = v[b][:, g * hdv : (g + 1) * hdv]
-            s = qh @ kh.T * _scale(spec)
-            allowed = np.array([[_may_attend(spec, t, b, h, i, j) for j in range(Tk)] for i in range(Tq)])
+            raw = qh @ kh.T * _scale(spec)
+            allowed = np.array([[may_attend(spec, t, b, h, i, j) for j in range(Tk)] for i in range(Tq)])
+            s = np.array(
+                [
+                    [
+                        _logit(spec, t, raw[i, j], b, h, i, j, softcap_last) if allowed[i, j] else 0.0
+                        for j in range(Tk)
+                    ]
+                    for i in range(Tq)
+                ]
+            )
             for i in range(Tq):
                 if not allowed[i].any():
                     continue
@@ -77,7 +116,16 @@ def per_token(spec: dict, t: dict) -> tuple[np.ndarray, np.ndarray]:
                 if not keys:
                     continue
                 logits = {
-                    j: math.fsum(q[b, i, h * hd + c] * k[b, j, g * hd + c] for c in range(hd)) * _scale(spec)
+                    j: _logit(
+                        spec,
+                        t,
+                        math.fsum(q[b, i, h * hd + c] * k[b, j, g * hd + c] for c in range(hd))
+                        * _scale(spec),
+                        b,
+                        h,
+                        i,
+                        j,
+                    )
                     for j in keys
                 }
                 top = max(logits.values())

@@ -62,6 +62,7 @@ SMALL = [
             "one_token",
             "head_dim1",
             "v_head",
+            "variant",
         )
     )
 ]
@@ -100,6 +101,83 @@ GRAD_SPECS = [
     spec(
         "fd_fully_masked_rows", "", batch=1, q_len=4, kv_len=2, d_in=4, num_heads=2, head_dim=2, causal=True
     ),
+    # Contract v2's variants, each axis on its own and all at once (vectors/catalogue.py, "variant_*").
+    spec(
+        "fd_bias_per_head_neginf_gqa",
+        "",
+        batch=2,
+        q_len=3,
+        kv_len=4,
+        d_in=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=2,
+        attn_bias={"kind": "random", "shape": [1, 4, 3, 4], "grad": True, "neginf": 0.25, "rows": [1]},
+    ),
+    spec(
+        "fd_bias_alibi_causal",
+        "",
+        batch=1,
+        q_len=4,
+        d_in=4,
+        num_heads=2,
+        head_dim=2,
+        causal=True,
+        attn_bias={"kind": "alibi", "shape": [1, 2, 4, 4], "grad": True},
+    ),
+    spec(
+        "fd_softcap_large_logits",
+        "",
+        batch=1,
+        q_len=3,
+        d_in=4,
+        num_heads=2,
+        head_dim=2,
+        softcap=2.0,
+        input_scale=3.0,
+    ),
+    spec(
+        "fd_window_cross",
+        "",
+        batch=1,
+        q_len=3,
+        kv_len=6,
+        d_in=4,
+        num_heads=2,
+        head_dim=2,
+        window=[1, 1],
+        self_attention=False,
+    ),
+    spec(
+        "fd_kv_lengths_zero_causal",
+        "",
+        batch=3,
+        q_len=3,
+        kv_len=5,
+        d_in=4,
+        num_heads=2,
+        head_dim=2,
+        causal=True,
+        kv_lengths=[5, 0, 2],
+        self_attention=False,
+    ),
+    spec(
+        "fd_everything",
+        "",
+        batch=2,
+        q_len=3,
+        kv_len=5,
+        d_in=4,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=2,
+        causal=True,
+        softcap=3.0,
+        window=[2, 1],
+        kv_lengths=[5, 3],
+        self_attention=False,
+        attn_bias={"kind": "random", "shape": [2, 1, 3, 5], "grad": True},
+    ),
 ]
 
 
@@ -110,7 +188,7 @@ def test_backward_matches_central_differences(s):
         t["key"], t["value"] = t["query"].copy(), t["query"].copy()
     g = t.pop("grad_output")
     grads = reference.backward(t, s, g)
-    names = ["query", "key", "value"] + [n for n in t if n[:2] in ("w_", "b_")]
+    names = ["query", "key", "value"] + [n for n in t if n[:2] in ("w_", "b_") or n == "attn_bias"]
     assert sorted(grads) == sorted(f"grad_{n}" for n in names)
     step = 1e-6
     for name in names:

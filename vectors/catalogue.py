@@ -67,12 +67,20 @@ def spec(case_id: str, description: str, **fields: Any) -> dict[str, Any]:
             grads.append(f"grad_w_{short}")
             if s["out_bias"] if short == "o" else s["qkv_bias"]:
                 grads.append(f"grad_b_{short}")
+    if s.get("attn_bias") is not None and s["attn_bias"].get("grad", True):
+        grads.append("grad_attn_bias")
     s["gradients"] = grads
     return s
 
 
 def _mask(kind: str, shape: tuple[int, ...], **extra: Any) -> dict[str, Any]:
     return {"kind": kind, "shape": list(shape), **extra}
+
+
+def _bias(kind: str, shape: tuple[int, ...], grad: bool = True, **extra: Any) -> dict[str, Any]:
+    """An additive attention bias [B|1, H|1, Tq, Tk] (contract v2; kinds in vectors/generate.py).
+    ``grad`` stores ``grad_attn_bias`` (a learned bias); ALiBi's fixed slopes have none."""
+    return {"kind": kind, "shape": list(shape), "grad": grad, **extra}
 
 
 CASES: list[dict[str, Any]] = [
@@ -465,6 +473,261 @@ CASES: list[dict[str, Any]] = [
         input_scale=1e5,
         weight_scale=1e-5,
         dtypes=("bfloat16",),
+    ),
+    # --- attention variants (contract v2, vector format 3) -----------------------------
+    # additive bias
+    spec(
+        "variant_bias_alibi_self_causal_h4",
+        "ALiBi: per-head slopes 2^(-8(h+1)/H) times the key's distance, added to causal scores; no gradient "
+        "(the slopes are fixed).",
+        causal=True,
+        attn_bias=_bias("alibi", (1, 4, 8, 8), grad=False),
+    ),
+    spec(
+        "variant_bias_alibi_gqa_h8_kv2_cross_tq4_tk9",
+        "ALiBi over grouped-query cross-attention: distances from each query's bottom-right position.",
+        num_heads=8,
+        num_kv_heads=2,
+        d_in=32,
+        q_len=4,
+        kv_len=9,
+        self_attention=False,
+        attn_bias=_bias("alibi", (1, 8, 4, 9), grad=False),
+    ),
+    spec(
+        "variant_bias_alibi_decode_tq1_tk12",
+        "One decoding step under ALiBi: a single query at the last position over a cache of 12 keys.",
+        q_len=1,
+        kv_len=12,
+        causal=True,
+        self_attention=False,
+        attn_bias=_bias("alibi", (1, 4, 1, 12), grad=False),
+    ),
+    spec(
+        "variant_bias_t5_relpos_self",
+        "A T5-style learned relative-position bias: one value per head and bucket of the signed distance "
+        "(8 buckets, max distance 16), with its gradient.",
+        attn_bias=_bias("t5", (1, 4, 8, 8)),
+    ),
+    spec(
+        "variant_bias_t5_relpos_cross_tq5_tk11_causal",
+        "The T5 bias in causal cross-attention (a decoder over a longer memory).",
+        q_len=5,
+        kv_len=11,
+        causal=True,
+        self_attention=False,
+        attn_bias=_bias("t5", (1, 4, 5, 11)),
+    ),
+    spec(
+        "variant_bias_float_mask_neginf",
+        "A float mask: random per-batch values with about 30% -inf entries (masked); every row keeps a key.",
+        attn_bias=_bias("random", (2, 1, 8, 8), neginf=0.3, keep_diagonal=True),
+    ),
+    spec(
+        "variant_bias_float_mask_neginf_fully_masked_rows",
+        "A float mask with whole rows of -inf: those queries see nothing (weights and context 0).",
+        attn_bias=_bias("random", (2, 1, 8, 8), neginf=0.2, rows=[1, 6]),
+    ),
+    spec(
+        "variant_bias_per_batch_head_b2_h4",
+        "A bias that differs per batch row and head, with its full gradient.",
+        attn_bias=_bias("random", (2, 4, 8, 8)),
+    ),
+    spec(
+        "variant_bias_broadcast_1_1_gqa_h4_kv2",
+        "One bias shared by every batch row and head in grouped-query attention: its gradient sums both.",
+        num_kv_heads=2,
+        attn_bias=_bias("random", (1, 1, 8, 8)),
+    ),
+    spec(
+        "variant_bias_and_bool_mask_causal",
+        "A bias together with a boolean mask and causal: all three apply.",
+        causal=True,
+        mask=_mask("random", (2, 1, 8, 8), keep=0.7, keep_diagonal=True),
+        attn_bias=_bias("random", (2, 4, 8, 8)),
+    ),
+    # softcap
+    spec(
+        "variant_softcap20_self",
+        "Logit softcap 20 (Gemma 2's attention value is 50; 20 bites harder) on ordinary logits.",
+        softcap=20.0,
+    ),
+    spec(
+        "variant_softcap50_huge_logits",
+        "Softcap 50 on logits near 1e3: tanh saturates, weights become uniform over the largest keys.",
+        softcap=50.0,
+        input_scale=30.0,
+    ),
+    spec(
+        "variant_softcap20_huge_logits_causal",
+        "Softcap 20 on huge causal logits: the capped scores sit at +-20.",
+        softcap=20.0,
+        input_scale=30.0,
+        causal=True,
+    ),
+    spec(
+        "variant_softcap50_gqa_h8_kv2_cross",
+        "Softcap 50 in grouped-query cross-attention with large logits.",
+        softcap=50.0,
+        num_heads=8,
+        num_kv_heads=2,
+        d_in=32,
+        q_len=5,
+        kv_len=9,
+        self_attention=False,
+        input_scale=8.0,
+    ),
+    spec(
+        "variant_softcap20_then_alibi",
+        "Softcap before the bias: the capped scores plus ALiBi (the bias is not capped).",
+        softcap=20.0,
+        input_scale=8.0,
+        causal=True,
+        attn_bias=_bias("alibi", (1, 4, 8, 8), grad=False),
+    ),
+    spec(
+        "variant_softcap30_key_padding_mask",
+        "Softcap 30 under a boolean key-padding mask.",
+        softcap=30.0,
+        input_scale=6.0,
+        mask=_mask("key_padding", (2, 1, 1, 8)),
+    ),
+    # sliding windows
+    spec(
+        "variant_window_left2_causal",
+        "A Mistral-style sliding window: causal, each query sees itself and the 2 keys before it.",
+        causal=True,
+        window=[2, -1],
+    ),
+    spec(
+        "variant_window_left3_right1_bidirectional",
+        "A two-sided local window: 3 keys before, 1 after, not causal.",
+        window=[3, 1],
+    ),
+    spec(
+        "variant_window_width0_diagonal",
+        "A window of width 0 on both sides: each query sees only the key at its own position.",
+        window=[0, 0],
+    ),
+    spec(
+        "variant_window_wider_than_sequence_causal",
+        "A causal window of 20 over 8 keys: the same as causal alone.",
+        causal=True,
+        window=[20, 20],
+    ),
+    spec(
+        "variant_window_right2_only",
+        "Only a right bound: each query sees every earlier key and at most 2 after its position.",
+        window=[-1, 2],
+    ),
+    spec(
+        "variant_window_left2_cross_tq4_tk10_causal",
+        "A causal window in cross-attention: query i sits at position i + Tk - Tq (bottom-right).",
+        causal=True,
+        window=[2, -1],
+        q_len=4,
+        kv_len=10,
+        self_attention=False,
+    ),
+    spec(
+        "variant_window_left4_decode_tq1_tk16",
+        "One decoding step with a window of 4 over a cache of 16: the query sees the last 5 keys.",
+        causal=True,
+        window=[4, -1],
+        q_len=1,
+        kv_len=16,
+        self_attention=False,
+    ),
+    spec(
+        "variant_gemma2_softcap50_window3_gqa_h4_kv2",
+        "Gemma 2's local layers in miniature: causal, softcap 50, a sliding window of 3, grouped-query.",
+        causal=True,
+        softcap=50.0,
+        window=[3, -1],
+        num_kv_heads=2,
+        input_scale=8.0,
+    ),
+    # per-batch key lengths
+    spec(
+        "variant_kv_lengths_self_8_5",
+        "Per-batch key lengths 8 and 5: keys at or past a row's length are excluded.",
+        kv_lengths=[8, 5],
+    ),
+    spec(
+        "variant_kv_lengths_zero_b3_fully_masked",
+        "A key length of 0: that batch row sees nothing (weights and context 0, never NaN).",
+        batch=3,
+        kv_lengths=[6, 0, 8],
+    ),
+    spec(
+        "variant_kv_lengths_equal_tk_cross",
+        "Key lengths equal to Tk: nothing excluded, identical to no lengths.",
+        q_len=5,
+        kv_len=9,
+        self_attention=False,
+        kv_lengths=[9, 9],
+    ),
+    spec(
+        "variant_kv_lengths_causal_cross_tq4_tk10",
+        "Lengths with causal: each row bottom-right aligned to its own length (10 and 6), as varlen "
+        "decoding of a padded batch.",
+        causal=True,
+        q_len=4,
+        kv_len=10,
+        self_attention=False,
+        kv_lengths=[10, 6],
+    ),
+    spec(
+        "variant_kv_lengths_shorter_than_tq_causal_fully_masked",
+        "A length of 2 under causal with Tq 4: the row's first queries sit before any key and see nothing.",
+        causal=True,
+        q_len=4,
+        kv_len=8,
+        self_attention=False,
+        kv_lengths=[8, 2],
+    ),
+    spec(
+        "variant_kv_lengths_gqa_h8_kv2_mask",
+        "Lengths with a per-head boolean mask in grouped-query attention.",
+        num_heads=8,
+        num_kv_heads=2,
+        d_in=32,
+        kv_lengths=[7, 4],
+        mask=_mask("random", (2, 8, 8, 8), keep=0.7, keep_diagonal=True),
+    ),
+    spec(
+        "variant_kv_lengths_window_causal_decode_tq2",
+        "Two decoding queries over padded caches (lengths 12 and 7) with a window of 3.",
+        causal=True,
+        window=[3, -1],
+        q_len=2,
+        kv_len=12,
+        self_attention=False,
+        kv_lengths=[12, 7],
+    ),
+    spec(
+        "variant_kv_lengths_alibi_causal_fully_masked_rows",
+        "Lengths 8 and 6 with ALiBi and causal (a padded batch of a BLOOM-style model): the shorter row's "
+        "first two queries sit before its first key and see nothing.",
+        causal=True,
+        kv_lengths=[8, 6],
+        attn_bias=_bias("alibi", (1, 4, 8, 8), grad=False),
+    ),
+    spec(
+        "variant_everything_softcap_window_lengths_bias_gqa",
+        "Every variant at once: softcap 30, a window [3, 1], lengths 9 and 5, a learned bias per head, GQA, "
+        "cross-attention, causal.",
+        causal=True,
+        softcap=30.0,
+        window=[3, 1],
+        kv_lengths=[9, 5],
+        num_heads=4,
+        num_kv_heads=2,
+        q_len=4,
+        kv_len=9,
+        self_attention=False,
+        input_scale=4.0,
+        attn_bias=_bias("random", (1, 4, 4, 9)),
     ),
     # --- modes ----------------------------------------------------------------------
     spec(

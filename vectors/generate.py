@@ -103,6 +103,53 @@ def build_mask(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray | N
     raise ValueError(f"case {spec['id']}: unknown mask kind {kind!r} in vectors/catalogue.py")
 
 
+def t5_bucket(distance: np.ndarray, buckets: int = 8, max_distance: int = 16) -> np.ndarray:
+    """T5's bidirectional relative-position bucket of ``distance = key - query position``: half the
+    buckets per sign, exact below ``buckets // 4``, logarithmic up to ``max_distance``."""
+    half = buckets // 2
+    bucket = np.where(distance > 0, half, 0)
+    n = np.abs(distance)
+    exact = half // 2
+    large = exact + (np.log(np.maximum(n, 1) / exact) / np.log(max_distance / exact) * (half - exact)).astype(
+        int
+    )
+    return bucket + np.where(n < exact, n, np.minimum(large, half - 1))
+
+
+def build_bias(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray | None:
+    """The additive bias [B|1, H|1, Tq, Tk] the spec's ``attn_bias`` entry describes (``-inf`` = masked).
+
+    Kinds: ``alibi`` (head h's slope ``2^(-8(h+1)/H)`` times ``-|p - j|``, p the query's
+    bottom-right position), ``t5`` (a learned value per head and :func:`t5_bucket` of ``j - p``),
+    and ``random`` (normal values; ``neginf`` sets that fraction of entries to ``-inf``, except the
+    causal diagonal with ``keep_diagonal``; ``rows`` sets whole query rows to ``-inf``).
+    """
+    entry = spec.get("attn_bias")
+    if entry is None:
+        return None
+    shape = tuple(entry["shape"])
+    tq, tk, heads = spec["q_len"], spec["kv_len"], shape[1]
+    distance = np.arange(tk)[None, :] - (np.arange(tq)[:, None] + tk - tq)  # j - p, [Tq, Tk]
+    kind = entry["kind"]
+    if kind == "alibi":
+        slopes = 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)
+        bias = -slopes[:, None, None] * np.abs(distance)[None]
+    elif kind == "t5":
+        table = rng.standard_normal((heads, 8))
+        bias = table[:, t5_bucket(distance)]
+    elif kind == "random":
+        bias = rng.standard_normal(shape)
+        off = rng.random(shape) < entry.get("neginf", 0.0)
+        if entry.get("keep_diagonal"):
+            off &= ~np.eye(tq, tk, k=tk - tq, dtype=bool)
+        bias = np.where(off, -np.inf, bias)
+        bias[..., entry.get("rows", []), :] = -np.inf
+    else:
+        raise ValueError(f"case {spec['id']}: unknown attn_bias kind {kind!r} in vectors/catalogue.py")
+    bias = np.broadcast_to(bias, shape)
+    return np.where(np.isinf(bias), bias, representable(bias, spec["dtypes"])).astype(bias.dtype)
+
+
 def build_inputs(spec: dict[str, Any]) -> dict[str, np.ndarray]:
     """Inputs, weights, biases, mask and ``grad_output`` for one case."""
     rng = np.random.default_rng(case_seed(spec["id"]))
@@ -132,6 +179,9 @@ def build_inputs(spec: dict[str, Any]) -> dict[str, np.ndarray]:
     mask = build_mask(spec, rng)
     if mask is not None:
         t["mask"] = mask
+    bias = build_bias(spec, rng)
+    if bias is not None:
+        t["attn_bias"] = bias.astype(t["query"].dtype)
     t["grad_output"] = normal((b, tq, spec["d_out"]), 1.0)
     return t
 

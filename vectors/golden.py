@@ -18,21 +18,39 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load as st_load
 
+from mha_conformance.impls import reference
+
 VECTORS_DIR = Path(__file__).resolve().parent
 MANIFEST = "MANIFEST.json"
 #: Format 1: inputs, weights and grad_output stored float32. Format 2: stored in the dtype the
 #: spec's ``input_dtype`` names (float64 for the full-precision float64 cases), else as format 1.
-#: A file is written in the lowest format that holds it, so format-1 readers read every case
-#: whose inputs are float32.
-FORMAT_VERSION = "2"
-READABLE_FORMATS = ("1", "2")
+#: Format 3 (contract v2): a case may also use the attention variants (``attn_bias`` with its
+#: gradient, ``softcap``, ``window``, ``kv_lengths``; impls/reference.py). A file is written in the
+#: lowest format that holds it, so format-1 readers read every case whose inputs are float32 and
+#: that uses no variant, and format-2 readers every case but the variants.
+FORMAT_VERSION = "3"
+READABLE_FORMATS = ("1", "2", "3")
 #: A case header lists a few dozen tensors and three JSON strings; anything bigger is damage.
 MAX_HEADER_BYTES = 1 << 20
 REQUIRED_SPEC_KEYS = (
     "id batch q_len kv_len d_in kdim vdim num_heads num_kv_heads head_dim v_head_dim d_out "
     "causal scale qkv_bias out_proj out_bias dropout fully_masked_rows dtypes"
 ).split()
-INPUT_NAMES = ("query", "key", "value", "w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o", "b_o", "mask")
+INPUT_NAMES = (
+    "query",
+    "key",
+    "value",
+    "w_q",
+    "b_q",
+    "w_k",
+    "b_k",
+    "w_v",
+    "b_v",
+    "w_o",
+    "b_o",
+    "mask",
+    "attn_bias",
+)
 REGENERATE = (
     "run `python -m mha_conformance.vectors generate` (or restore the file with `git checkout vectors/`)"
 )
@@ -71,7 +89,10 @@ def input_dtype(spec: dict[str, Any]) -> str:
 
 
 def file_format(spec: dict[str, Any]) -> str:
-    """The lowest format that holds the case: 2 where inputs are stored in float64, else 1."""
+    """The lowest format that holds the case: 3 where it uses a variant, 2 where inputs are stored in
+    float64, else 1."""
+    if reference.case_variants(spec):
+        return "3"
     return "2" if input_dtype(spec) != "float32" else "1"
 
 
@@ -80,7 +101,8 @@ def expected_layout(spec: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], st
 
     Inputs, weights and ``grad_output`` are stored in ``spec["input_dtype"]`` (float32 unless the
     case is float64 alone) holding values exactly representable in every listed dtype; ``mask``
-    is bool; expectations and gradients are float64.
+    is bool; ``attn_bias`` is stored like the inputs (``-inf`` allowed); expectations and gradients
+    are float64.
     """
     b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
     h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
@@ -99,6 +121,9 @@ def expected_layout(spec: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], st
         inputs["w_o"] = (h * hdv, spec["d_out"])
         if spec["out_bias"]:
             inputs["b_o"] = (spec["d_out"],)
+    check_variants(spec)
+    if spec.get("attn_bias") is not None:
+        inputs["attn_bias"] = tuple(spec["attn_bias"]["shape"])
     layout = {name: (shape, f32) for name, shape in inputs.items()}
     layout["grad_output"] = ((b, tq, spec["d_out"]), f32)
     layout["output"] = ((b, tq, spec["d_out"]), f64)
@@ -108,6 +133,24 @@ def expected_layout(spec: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], st
     if spec.get("mask") is not None:
         layout["mask"] = (tuple(spec["mask"]["shape"]), "bool")
     return layout
+
+
+def check_variants(spec: dict[str, Any]) -> None:
+    """Raise ValueError where a variant's spec entry is out of its contract (docs/semantics.md#variants)."""
+    b, h, tq, tk = spec["batch"], spec["num_heads"], spec["q_len"], spec["kv_len"]
+    lengths, window, cap, bias = (spec.get(k) for k in ("kv_lengths", "window", "softcap", "attn_bias"))
+    if lengths is not None and (
+        len(lengths) != b or not all(isinstance(n, int) and 0 <= n <= tk for n in lengths)
+    ):
+        raise ValueError(f"kv_lengths {lengths} must be {b} integers in 0..{tk}")
+    if window is not None and (len(window) != 2 or not all(isinstance(n, int) and n >= -1 for n in window)):
+        raise ValueError(f"window {window} must be [left, right], integers >= -1 (-1: unbounded)")
+    if cap is not None and not (isinstance(cap, (int, float)) and cap > 0):
+        raise ValueError(f"softcap {cap} must be a positive number")
+    if bias is not None:
+        shape = tuple(bias.get("shape", ()))
+        if len(shape) != 4 or shape[0] not in (1, b) or shape[1] not in (1, h) or shape[2:] != (tq, tk):
+            raise ValueError(f"attn_bias shape {list(shape)} must be [{b}|1, {h}|1, {tq}, {tk}]")
 
 
 SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "bool": "BOOL"}

@@ -57,9 +57,12 @@ def _fresh(like: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def kv_permutation(case: golden.GoldenCase, inputs: Inputs) -> Transformed:
-    """Permuting keys and values together (no mask, not causal) changes nothing."""
+    """Permuting keys and values together (and a bias's key axis with them; no mask, window or
+    lengths, not causal) changes nothing."""
     perm = _rng(case, "perm").permutation(case.spec["kv_len"])
     new = {**inputs, "key": inputs["key"][:, perm], "value": inputs["value"][:, perm]}
+    if "attn_bias" in inputs:
+        new["attn_bias"] = inputs["attn_bias"][..., perm]
     return Transformed(new, None, _all_rows(case.spec), f"keys and values permuted by {perm.tolist()}")
 
 
@@ -160,8 +163,9 @@ def head_permutation(case: golden.GoldenCase, inputs: Inputs) -> Transformed:
             t[f"b_{short}"] = t[f"b_{short}"][columns(heads, width)]
     t["w_o"] = t["w_o"][columns(q_heads, hdv)]
     new_inputs = dict(inputs)
-    if "mask" in inputs and inputs["mask"].shape[1] > 1:  # a per-head mask follows its head
-        new_inputs["mask"] = inputs["mask"][:, q_heads]
+    for name in ("mask", "attn_bias"):  # a per-head mask or bias follows its head
+        if name in inputs and inputs[name].shape[1] > 1:
+            new_inputs[name] = inputs[name][:, q_heads]
     permuted = replace(
         case, spec={**spec, "id": f"{spec['id']}#heads-{_digest(q_heads)}"}, tensors=t, synthetic=True
     )
@@ -201,7 +205,14 @@ POISON_LEAKS = (
 #: ones are robustness probes (findings in the report, failures only under ``--strict``).
 PROPERTIES: dict[str, Property] = {
     "kv-permutation": Property(
-        lambda s: not s["causal"] and s["mask"] is None and not s["self_attention"] and s["kv_len"] > 1,
+        lambda s: (
+            not s["causal"]
+            and s["mask"] is None
+            and s.get("window") is None
+            and s.get("kv_lengths") is None
+            and not s["self_attention"]
+            and s["kv_len"] > 1
+        ),
         kv_permutation,
     ),
     "future-tokens": Property(

@@ -34,22 +34,8 @@ from mha_conformance.impls import registry
 from mha_conformance.vectors import golden
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16)}
-#: What a case sends the worker: inputs, weights, mask and grad_output (never the expectations).
-CASE_TENSORS = (
-    "query",
-    "key",
-    "value",
-    "w_q",
-    "b_q",
-    "w_k",
-    "b_k",
-    "w_v",
-    "b_v",
-    "w_o",
-    "b_o",
-    "mask",
-    "grad_output",
-)
+#: What a case sends the worker: inputs, weights, masks and grad_output (never the expectations).
+CASE_TENSORS = (*golden.INPUT_NAMES, "grad_output")
 #: Startup (a fresh worker's imports, e.g. TensorFlow's ~6 s, the adapter's ``prepare``, a first
 #: jit compilation) has its own limit, apart from the call's (``--startup-timeout``).
 STARTUP_TIMEOUT = 300.0

@@ -19,6 +19,10 @@ Orders (``Order``):
 * softmax: two-pass with division or reciprocal, or online over blocks of ``block`` keys;
 * backward: the stored weights, or recomputed from the logsumexp with ``D = rowsum(dO * O)``;
 * sums over tokens and kv groups in float32 or in the half dtype itself.
+
+Every order also computes contract v2's variants (docs/semantics.md#variants): the softcap and the
+bias on the scaled scores in the accumulation dtype (with ``exp2``, the scores are then scaled
+before the cap instead of inside ``exp2``), per-batch key lengths and windows in the allowed set.
 """
 
 from __future__ import annotations
@@ -116,13 +120,26 @@ def _merge(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * w)
 
 
-def _allowed(spec: Mapping[str, Any], mask: np.ndarray | None) -> np.ndarray:
+def _allowed(spec: Mapping[str, Any], mask: np.ndarray | None, bias: np.ndarray | None) -> np.ndarray:
     b, h, tq, tk = spec["batch"], spec["num_heads"], spec["q_len"], spec["kv_len"]
     ok = np.ones((b, h, tq, tk), bool)
     if mask is not None:
         ok = ok & np.broadcast_to(mask, ok.shape)
-    if spec["causal"]:
-        ok = ok & (np.arange(tk)[None, :] <= np.arange(tq)[:, None] + tk - tq)
+    if bias is not None:
+        ok = ok & np.broadcast_to(np.isfinite(bias), ok.shape)
+    for row in range(b):  # each batch row's queries sit bottom-right of its own keys
+        length = tk if spec.get("kv_lengths") is None else spec["kv_lengths"][row]
+        key = np.arange(tk)[None, :]
+        at = np.arange(tq)[:, None] + length - tq
+        rule = key < length
+        if spec["causal"]:
+            rule = rule & (key <= at)
+        left, right = spec.get("window") or (-1, -1)
+        if left >= 0:
+            rule = rule & (key >= at - left)
+        if right >= 0:
+            rule = rule & (key <= at + right)
+        ok[row] &= rule
     return ok
 
 
@@ -150,7 +167,8 @@ class Attention:
         k = np.repeat(_heads(self.linear(ar.store(k_in), "k"), spec["num_kv_heads"]), self.group, 1)
         v = np.repeat(_heads(self.linear(ar.store(v_in), "v"), spec["num_kv_heads"]), self.group, 1)
         self.q, self.k, self.v = q, k, v
-        self.allowed = _allowed(spec, mask)
+        bias = self.t.get("attn_bias")
+        self.allowed = _allowed(spec, mask, bias)
         if o.scale == "q":
             qs, ks = ar.store(q * ar.a(ar.store(self.scale))), k
         elif o.scale == "qk":
@@ -161,7 +179,19 @@ class Attention:
         s = ar.mm(qs, ks.swapaxes(-1, -2))
         if o.scale == "scores":
             s = s * ar.a(self.scale)
-        exp_scale = ar.a(self.scale * LOG2E) if o.scale == "exp2" else None
+        cap = spec.get("softcap")
+        # The factor from the scores kept to the natural-log logits (only exp2 leaves them unscaled).
+        self.unit = self.scale if o.scale == "exp2" and cap is None and bias is None else 1.0
+        exp_scale = ar.a(self.unit * LOG2E) if o.scale == "exp2" else None
+        if o.scale == "exp2" and self.unit == 1.0:
+            s = s * ar.a(self.scale)
+        self.capped = None
+        if cap is not None:
+            c = ar.a(ar.store(cap))
+            self.capped = np.tanh((ar.a(s) / c).astype(F64)).astype(ar.acc)
+            s = self.capped * c
+        if bias is not None:
+            s = np.where(self.allowed, ar.a(s) + np.where(self.allowed, ar.a(bias), 0).astype(ar.acc), s)
         if o.softmax != "online":
             s = ar.store(s)
         self.s, self.exp_scale = s, exp_scale
@@ -206,10 +236,8 @@ class Attention:
             m = m_new
         safe = np.where(total > 0, total, 1)
         log_total = np.log(safe.astype(F64)).astype(ar.acc)
-        if self.exp_scale is not None:  # keep lse in the scaled, natural-log units of the scores
-            self.lse = np.where(total > 0, m * ar.a(self.scale) + log_total, 0).astype(ar.acc)
-        else:
-            self.lse = np.where(total > 0, m + log_total, 0).astype(ar.acc)
+        # lse in the natural-log units of the logits
+        self.lse = np.where(total > 0, m * ar.a(self.unit) + log_total, 0).astype(ar.acc)
         self.w = None
         return ar.store(np.where(total > 0, acc / safe, 0))
 
@@ -232,7 +260,7 @@ class Attention:
         d_heads = _heads(d_ctx, spec["num_heads"])
         d_p = ar.mm(d_heads, self.v.swapaxes(-1, -2))
         if ar.order.backward == "lse" and self.lse is not None:
-            scores = self.s * ar.a(self.scale) if self.exp_scale is not None else self.s
+            scores = self.s * ar.a(self.unit)
             p = np.where(self.allowed, ar.exp(np.where(self.allowed, scores - self.lse, 0)), 0).astype(ar.acc)
             o = _heads(self.context, spec["num_heads"])
             row = ar.reduce(ar.a(d_heads) * ar.a(o), -1, "pairwise")[..., None]
@@ -244,6 +272,14 @@ class Attention:
             row = ar.reduce(d_p * w, -1)[..., None]
             d_s = ar.store(w * (d_p - row))
             d_v = ar.store(ar.mm(w.swapaxes(-1, -2), d_heads))
+        if "attn_bias" in t:  # summed back over the batch and head axes the bias broadcasts along
+            d_b = d_s
+            for axis in (0, 1):
+                if t["attn_bias"].shape[axis] == 1:
+                    d_b = ar.reduce(d_b, axis, sums)[(slice(None),) * axis + (None,)]
+            grads["grad_attn_bias"] = ar.store(d_b)
+        if self.capped is not None:
+            d_s = ar.store(ar.a(d_s) * (ar.a(1) - self.capped * self.capped))
         d_q = ar.store(ar.mm(d_s, self.k) * ar.a(self.scale))
         d_k = ar.store(ar.mm(d_s.swapaxes(-1, -2), self.q) * ar.a(self.scale))
 
@@ -270,6 +306,7 @@ class ValidOrder(Adapter):
 
     order: ClassVar[Order] = Order()
     dtypes = ALL_DTYPES
+    variants = frozenset({"attn_bias", "softcap", "window", "kv_lengths"})
 
     def prepare(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
