@@ -57,3 +57,14 @@ def test_fuzzing_catches_shrinks_and_reproduces_a_bug(tmp_path):
         "mha_conformance.impls.variants.mutants:CausalOffByOne", db, 1
     )  # one example: only the saved failure
     assert remembered.returncode == 1, remembered.stdout[-2000:]
+
+
+def test_fuzzing_draws_the_variants_an_adapter_expresses(tmp_path):
+    """The correct variant adapter survives specs with biases, softcaps, windows and lengths; one
+    that ignores per-batch key lengths is caught and shrunk to a spec that uses them."""
+    ok = fuzz("tests.variant_adapters:loops", tmp_path / "ok", 40)
+    assert ok.returncode == 0, ok.stdout[-3000:]
+    bad = fuzz("tests.variant_adapters:lengths_ignored", tmp_path / "bad", 60)
+    assert bad.returncode == 1, bad.stdout[-3000:]
+    match = re.search(r"Reproduce: MHA_FUZZ_SPEC=('.*?') python -m pytest", bad.stdout)
+    assert match and '"kv_lengths": [' in shlex.split(match.group(1))[0], bad.stdout[-3000:]

@@ -42,39 +42,42 @@ lengths_ignored = _loops(lambda spec, t, b, h, i, j: _may_attend({**spec, "kv_le
 bias_ignored = _loops(drop_bias=True)
 
 
-class SoftcapGradientIgnored(Faulty):
-    """Gradients through the softcap as if it were the identity (1 - tanh^2 left out)."""
+class WrongGradient(Faulty):
+    """The reference backward with one step of it done wrong (:meth:`wrong`)."""
 
-    name = "softcap-gradient-ignored"
+    def wrong(self, given: dict, spec) -> reference.Forward | None:
+        """Change ``given`` in place, or return the (altered) forward the backward should reuse."""
+        return None
 
     def prepare_backward(self, case, spec, dtype, device):
         weights = _f64({n: a for n, a in case.items() if n[:2] in ("w_", "b_")})
 
         def run(inputs):
             given = {**weights, **_f64({n: a for n, a in inputs.items() if n != "grad_output"})}
-            fw = reference.forward(given, spec)
-            if fw.capped is not None:
-                fw = replace(fw, capped=np.zeros_like(fw.capped))
+            fw = self.wrong(given, spec)
             grads = reference.backward(given, spec, inputs["grad_output"].astype(np.float64), fw=fw)
             return {n: g.astype(inputs["query"].dtype) for n, g in grads.items()}
 
         return run
 
 
-class BiasGradientNotSummed(Faulty):
+class SoftcapGradientIgnored(WrongGradient):
+    """Gradients through the softcap as if it were the identity (1 - tanh^2 left out)."""
+
+    name = "softcap-gradient-ignored"
+
+    def wrong(self, given, spec):
+        fw = reference.forward(given, spec)
+        return fw if fw.capped is None else replace(fw, capped=np.zeros_like(fw.capped))
+
+
+class BiasGradientNotSummed(WrongGradient):
     """The bias gradient of the bias broadcast to [B, H, Tq, Tk], not summed back to the bias's shape."""
 
     name = "bias-gradient-not-summed"
 
-    def prepare_backward(self, case, spec, dtype, device):
-        weights = _f64({n: a for n, a in case.items() if n[:2] in ("w_", "b_")})
-
-        def run(inputs):
-            given = {**weights, **_f64({n: a for n, a in inputs.items() if n != "grad_output"})}
-            if "attn_bias" in given:
-                full = (spec["batch"], spec["num_heads"], spec["q_len"], spec["kv_len"])
-                given["attn_bias"] = np.broadcast_to(given["attn_bias"], full).copy()
-            grads = reference.backward(given, spec, inputs["grad_output"].astype(np.float64))
-            return {n: g.astype(inputs["query"].dtype) for n, g in grads.items()}
-
-        return run
+    def wrong(self, given, spec):
+        if "attn_bias" in given:
+            full = (spec["batch"], spec["num_heads"], spec["q_len"], spec["kv_len"])
+            given["attn_bias"] = np.broadcast_to(given["attn_bias"], full).copy()
+        return None

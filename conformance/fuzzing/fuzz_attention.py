@@ -82,7 +82,7 @@ def test_fuzz(adapter_name, dtype, device, suite, request):
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
         print_blob=True,
     )
-    @given(spec=specs(dtype=dtype))
+    @given(spec=specs(dtype=dtype, variants=adapter.variants))
     def fuzz(spec):
         check_spec(adapter, spec, dtype, device, suite)
 

@@ -16,8 +16,9 @@ from mha_conformance.vectors.catalogue import spec as make_spec
 
 
 @st.composite
-def specs(draw: st.DrawFn, dtype: str = "float32") -> dict[str, Any]:
-    """A random but valid spec: shapes, heads and GQA groups, widths, masks, biases, scale."""
+def specs(draw: st.DrawFn, dtype: str = "float32", variants: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A random but valid spec: shapes, heads and GQA groups, widths, masks, biases, scale, and
+    the contract-v2 ``variants`` an adapter expresses (each drawn in or out)."""
     batch = draw(st.integers(1, 3))
     hkv = draw(st.integers(1, 4))
     group = draw(st.integers(1, 3))
@@ -57,5 +58,22 @@ def specs(draw: st.DrawFn, dtype: str = "float32") -> dict[str, Any]:
     elif kind == "random":
         shape = [draw(st.sampled_from([1, batch])), draw(st.sampled_from([1, hkv * group])), q_len, kv_len]
         fields["mask"] = {"kind": "random", "shape": shape, "keep": draw(st.sampled_from([0.3, 0.6, 0.9]))}
+    heads = hkv * group
+    if "attn_bias" in variants and draw(st.booleans()):
+        kind = draw(st.sampled_from(["alibi", "t5", "random"]))
+        shape = (
+            [1, heads, q_len, kv_len]
+            if kind != "random"
+            else [draw(st.sampled_from([1, batch])), draw(st.sampled_from([1, heads])), q_len, kv_len]
+        )
+        fields["attn_bias"] = {"kind": kind, "shape": shape, "grad": True}
+        if kind == "random":
+            fields["attn_bias"]["neginf"] = draw(st.sampled_from([0.0, 0.3]))
+    if "softcap" in variants and draw(st.booleans()):
+        fields["softcap"] = draw(st.sampled_from([1.0, 5.0, 20.0, 50.0]))
+    if "window" in variants and draw(st.booleans()):
+        fields["window"] = [draw(st.integers(-1, kv_len)), draw(st.integers(-1, kv_len))]
+    if "kv_lengths" in variants and draw(st.booleans()):
+        fields["kv_lengths"] = [draw(st.integers(0, kv_len)) for _ in range(batch)]
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     return make_spec(f"fuzz_{digest}", "drawn by hypothesis", **fields)
