@@ -35,6 +35,7 @@ KINDS = {
     "input gradients": ("grad_query", "grad_key", "grad_value"),
     "weight gradients": ("grad_w_q", "grad_w_k", "grad_w_v", "grad_w_o"),
     "bias gradients": ("grad_b_q", "grad_b_v", "grad_b_o"),  # grad_b_k is zero in exact arithmetic
+    "attention-bias gradients": ("grad_attn_bias",),  # contract v2's additive bias
 }
 
 
