@@ -38,7 +38,7 @@ BACKENDS: dict[str, dict] = {
     "torch": {"extras": "torch", "adapters": ["torch-*"]},
     "tensorflow": {
         "extras": "tensorflow",
-        "adapters": ["keras-mha", "keras-mha-scores"],
+        "adapters": ["keras-mha", "keras-mha-scores", "keras-ops-sdpa"],
         "env": {"KERAS_BACKEND": "tensorflow"},
     },
     "jax": {"extras": "jax", "adapters": ["jax-*", "flax-*"]},

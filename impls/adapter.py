@@ -81,6 +81,37 @@ def has_empty_rows(spec: Spec) -> bool:
     return bool(spec["fully_masked_rows"])
 
 
+def rule_mask(
+    spec: Spec, mask: np.ndarray | None, *, causal: bool = True, window: bool = True, lengths: bool = True
+) -> np.ndarray | None:
+    """Bool [B|1, H|1, Tq, Tk], True = may attend: the case's mask AND the rules an API without
+    them needs folded into its mask: the causal rule, the ``window`` and each batch row's
+    ``kv_lengths``, aligned bottom-right to the row's length as the contract says
+    (docs/semantics.md#variants). ``causal``, ``window`` or ``lengths`` False leaves that rule to
+    the API. None when nothing is masked."""
+    b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
+    row_lengths = spec.get("kv_lengths")
+    left, right = (spec.get("window") or (-1, -1)) if window else (-1, -1)
+    causal = causal and spec["causal"]
+    exclude = lengths and row_lengths is not None
+    if not (causal or exclude or left >= 0 or right >= 0):
+        return mask
+    ends = np.asarray(row_lengths if row_lengths is not None else [tk] * b)[:, None, None]
+    key = np.arange(tk)[None, None, :]
+    position = np.arange(tq)[None, :, None] + ends - tq  # query i's position in its row, [B, Tq, 1]
+    rule = np.ones((b, tq, tk), bool)
+    if exclude:
+        rule &= key < ends
+    if causal:
+        rule &= key <= position
+    if left >= 0:
+        rule &= key >= position - left
+    if right >= 0:
+        rule &= key <= position + right
+    rule = (rule if row_lengths is not None else rule[:1])[:, None]  # one row serves every batch row
+    return rule if mask is None else np.asarray(mask, bool) & rule
+
+
 def as_divergences(declared: Divergences) -> list[Divergence]:
     """The declared divergences as a list, whether given as Divergence objects or patterns."""
     if isinstance(declared, Mapping):
@@ -110,6 +141,9 @@ def unexpressed(adapter: Adapter, spec: Spec) -> str | None:
     missing = [v for v in case_variants(spec) if v not in adapter.variants]
     if not missing:
         return None
+    why = [adapter.cannot_express[v] for v in missing if v in adapter.cannot_express]
+    if why:
+        return f"{adapter.name}: " + "; ".join(why)
     return (
         f"{adapter.name} does not express {' or '.join(missing)} (case {spec['id']} uses "
         f"{', '.join(case_variants(spec))}; the adapter's `variants` lists {sorted(adapter.variants) or 'none'}; "
@@ -128,6 +162,8 @@ class Adapter:
     dtypes: ClassVar[tuple[str, ...]] = ALL_DTYPES
     #: The contract-v2 variants the implementation expresses (a subset of ``VARIANTS``).
     variants: ClassVar[frozenset[str]] = frozenset()
+    #: For a variant it does not express, why (the skip's reason): the API's own limit.
+    cannot_express: ClassVar[Mapping[str, str]] = {}
     divergences: ClassVar[Divergences] = ()
     #: A sentence for the README's adapter table: what code path this adapter runs.
     path: ClassVar[str] = ""

@@ -19,10 +19,12 @@ BUILTINS: dict[str, str] = {
     "torch-sdpa": "mha_conformance.impls.torch.sdpa:TorchSDPA",
     "torch-scratch": "mha_conformance.impls.torch.scratch:TorchScratch",
     "torch-wrapper": "mha_conformance.impls.torch.wrapper:TorchWrapper",
+    "torch-flex": "mha_conformance.impls.torch.flex:TorchFlex",
     "onnx-export": "mha_conformance.impls.onnx.export:OnnxExport",
     "onnx-export-attention": "mha_conformance.impls.onnx.export:OnnxExportAttention",
     "onnx-attention": "mha_conformance.impls.onnx.attention:OnnxAttention",
     "onnx-contrib-mha": "mha_conformance.impls.onnx.contrib:OnnxContribMHA",
+    "onnx-reference": "mha_conformance.impls.onnx.attention:OnnxReference",
     "jax-sdpa": "mha_conformance.impls.jax.sdpa:JaxSDPA",
     "flax-mha": "mha_conformance.impls.jax.flax_mha:FlaxMHA",
     "flax-mha-weights": "mha_conformance.impls.jax.flax_mha:FlaxMHAWeights",
@@ -32,6 +34,9 @@ BUILTINS: dict[str, str] = {
     "keras-mha-scores-jax": "mha_conformance.impls.keras.mha:KerasMHAScoresJax",
     "keras-mha-torch": "mha_conformance.impls.keras.mha:KerasMHATorch",
     "keras-mha-scores-torch": "mha_conformance.impls.keras.mha:KerasMHAScoresTorch",
+    "keras-ops-sdpa": "mha_conformance.impls.keras.ops_sdpa:KerasOpsSDPA",
+    "keras-ops-sdpa-jax": "mha_conformance.impls.keras.ops_sdpa:KerasOpsSDPAJax",
+    "keras-ops-sdpa-torch": "mha_conformance.impls.keras.ops_sdpa:KerasOpsSDPATorch",
 }
 
 

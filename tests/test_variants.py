@@ -121,3 +121,20 @@ def test_each_wrong_variant_gradient_fails(adapter, variant, tmp_path):
     seen = _outcomes(tmp_path, f"tests.variant_adapters:{adapter}", test="conformance/test_gradients.py")
     failed = {c for c, t in seen.items() if t["outcome"] == "failed"}
     assert failed and failed <= _uses(variant), sorted(failed)
+
+
+def test_every_builtin_names_why_it_cannot_express_a_variant():
+    """Each variant a built-in adapter does not express has its own reason (the API's limit), which
+    is the skip's message."""
+    from mha_conformance.impls.adapter import refusal
+    from mha_conformance.impls.registry import BUILTINS, builtin
+
+    for name in BUILTINS:
+        adapter = builtin(name)
+        for variant in set(reference.VARIANTS) - set(adapter.variants):
+            assert adapter.cannot_express.get(variant), (name, variant)
+        missing = set(reference.VARIANTS) - set(adapter.variants)
+        if missing and adapter.missing() is None:
+            spec = next(c for c in VARIANT_CASES if set(reference.case_variants(c)) <= missing)
+            reason = refusal(adapter, spec, "float32", "cpu")
+            assert reason and any(adapter.cannot_express[v] in reason for v in missing), (name, reason)

@@ -2,8 +2,10 @@
 
 The golden checks say pass or fail; these say *why* an implementation differs, along the axes
 where frameworks disagree: mask polarity, rows with no allowed key, causal alignment when
-Tq < Tk, grouped-query head order, the default scale, dropout in eval mode, and whether NaN in
-masked-out keys leaks into the output. Each probe runs the adapter through the adapter
+Tq < Tk, grouped-query head order, the default scale, dropout in eval mode, whether NaN in
+masked-out keys leaks into the output, and for the variants of contract v2 where the softcap
+sits relative to the bias, how a window is aligned when Tq < Tk, and what a batch row of key
+length 0 gives. Each probe runs the adapter through the adapter
 contract on small crafted float32 inputs and names the candidate convention
 (``mha_conformance.impls.variants.conventions``) its output matches. With a training mode
 (``Adapter.prepare_training``), a statistical check of dropout follows (``conformance/probes/dropout.py``).
@@ -129,6 +131,36 @@ PROBES: tuple[Probe, ...] = (
         {"contained": REFERENCE},
         poison=True,
     ),
+    Probe(
+        "softcap_order",
+        "Where does the softcap (2) sit relative to an additive bias?",
+        _probe_spec("softcap2_bias", softcap=2.0, attn_bias={"kind": "random", "shape": [2, 2, 6, 6]}),
+        {
+            "cap, then bias": REFERENCE,
+            "bias, then cap": Convention(softcap="after_bias"),
+            "cap ignored": Convention(softcap="ignored"),
+        },
+    ),
+    Probe(
+        "window_alignment",
+        "Where is a window [1, 1] centred when Tq < Tk (3 queries, 7 keys)?",
+        _probe_spec("window_tq3_tk7", q_len=3, kv_len=7, window=[1, 1], self_attention=False),
+        {
+            "bottom-right": REFERENCE,
+            "top-left": Convention(window="top_left"),
+            "ignored": Convention(window="ignored"),
+        },
+    ),
+    Probe(
+        "zero_length",
+        "What does a batch row of key length 0 give?",
+        _probe_spec("kv_lengths_6_0", kv_lengths=[6, 0]),
+        {
+            "zeros": REFERENCE,
+            "uniform": Convention(empty_rows="uniform"),
+            "attends all keys": Convention(empty_rows="unmasked"),
+        },
+    ),
 )
 
 
@@ -153,6 +185,8 @@ def crafted_case(probe: Probe) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
     query = normal(b, tq, d)
     kv = query if s["self_attention"] else normal(b, tk, d)
     inputs = {"query": query, "key": kv, "value": kv}  # key is value: every adapter can take it
+    if s.get("attn_bias") is not None:
+        inputs["attn_bias"] = normal(*s["attn_bias"]["shape"], scale=3.0)
     mask = s["mask"]
     if mask is not None:
         shape = tuple(mask["shape"])
@@ -277,6 +311,9 @@ COLUMNS = {
     "dropout_in_eval": "dropout in eval",
     "nan_masked_keys": "NaN at masked keys",
     "dropout_training": "dropout in training (p 0.2)",
+    "softcap_order": "softcap vs bias",
+    "window_alignment": "window, Tq < Tk",
+    "zero_length": "key length 0",
 }
 
 

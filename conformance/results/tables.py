@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mha_conformance.impls.adapter import Divergence, as_divergences
+from mha_conformance.impls.reference import VARIANTS
 from mha_conformance.impls.registry import BUILTINS, builtin
 from mha_conformance.results.report import git_commit, package_versions
 
@@ -68,14 +69,17 @@ def grouped(divergences: Sequence[Divergence]) -> list[str]:
 
 def adapters_table() -> str:
     lines = [
-        "| adapter | framework | path it runs | devices | declared divergences |",
-        "| --- | --- | --- | --- | --- |",
+        "| adapter | framework | path it runs | devices | variants (contract v2) | declared divergences |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name in BUILTINS:
         a = builtin(name)
         divergences = "<br>".join(grouped(as_divergences(a.divergences))) or "none"
         framework = f"{a.framework} (`.[{a.extra}]`)" if a.framework else "-"
-        lines.append(f"| `{name}` | {framework} | {a.path} | {', '.join(a.device_kinds)} | {divergences} |")
+        variants = ", ".join(v for v in VARIANTS if v in a.variants) or "none"
+        lines.append(
+            f"| `{name}` | {framework} | {a.path} | {', '.join(a.device_kinds)} | {variants} | {divergences} |"
+        )
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from mha_conformance.impls.adapter import Adapter, has_empty_rows  # noqa: F401 (re-exported)
+from mha_conformance.impls.adapter import Adapter, has_empty_rows, rule_mask  # noqa: F401 (re-exported)
 
 
 def import_jax():
@@ -79,8 +79,9 @@ class JaxAdapter(Adapter):
 
 UNIFORM_ROWS = (
     "a query row with no allowed key gets uniform weights 1/Tk (masked logits are replaced by the dtype's "
-    "large negative value, not excluded), so its context is the mean of all values, where the reference "
-    "gives zeros"
+    "large negative value, not excluded), so its context is the mean of all values, or NaN where the row's "
+    "additive bias is -inf at every key (the bias enters the logits before the mask, and a softmax over a "
+    "row of -inf is 0/0), where the reference gives zeros"
 )
 
 
@@ -88,14 +89,15 @@ def several_keys_per_row(spec: Mapping[str, Any]) -> bool:
     """Does some query attend more than one key? Only there can a softmax's precision show (with
     one key per row every weight is exactly 1)."""
     mask = spec.get("mask")
-    return spec["kv_len"] > 1 and not (mask and mask["kind"] == "diagonal") and not spec["fully_masked_rows"]
+    return (
+        spec["kv_len"] > 1
+        and not (mask and mask["kind"] == "diagonal")
+        and tuple(spec.get("window") or (-1, -1)) != (0, 0)
+        and not spec["fully_masked_rows"]
+    )
 
 
-def allowed(spec: dict, mask: np.ndarray | None) -> np.ndarray | None:
-    """Bool [B|1, 1|H, Tq, Tk], True = may attend: the case mask AND the bottom-right causal rule."""
-    tq, tk = spec["q_len"], spec["kv_len"]
-    result = None if mask is None else mask
-    if spec["causal"]:
-        causal = np.tri(tq, tk, k=tk - tq, dtype=bool)[None, None]
-        result = causal if result is None else result & causal
-    return result
+def allowed(spec: dict, mask: np.ndarray | None, window: bool = True) -> np.ndarray | None:
+    """Bool [B|1, 1|H, Tq, Tk], True = may attend: the case mask AND the bottom-right causal rule,
+    each row's key length and, with ``window``, the window (``impls.adapter.rule_mask``)."""
+    return rule_mask(spec, mask, window=window)

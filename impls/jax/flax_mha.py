@@ -127,6 +127,12 @@ class FlaxMHA(JaxAdapter):
     sow_weights = False
     path = "flax.nnx.MultiHeadAttention, default attention_fn (jax.nn.dot_product_attention when dropout is 0), jit"
     divergences = flax_divergences(explicit=False)
+    # Lengths and windows go into the boolean mask (impls.jax.common.allowed).
+    variants = frozenset({"window", "kv_lengths"})
+    cannot_express = {
+        "attn_bias": "flax.nnx.MultiHeadAttention's call takes a boolean mask only (no additive bias)",
+        "softcap": "flax.nnx.MultiHeadAttention has no logit softcap",
+    }
 
     def versions(self) -> dict[str, str]:
         import flax
@@ -239,6 +245,10 @@ class FlaxMHA(JaxAdapter):
     def prepare_decoder(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Callable[[], Prepared]:
         """Flax's own autoregressive cache: ``init_cache`` for the case's length, then
         ``decode=True`` with one token per call; the jitted step threads the cache state."""
+        if spec.get("window") is not None:
+            raise NotImplementedError(
+                "flax.nnx.MultiHeadAttention's decode cache attends every cached key: it has no window"
+            )
         j = import_jax()
         with j.default_device(self.device(device)):
             module = self.build(case, spec, dtype)

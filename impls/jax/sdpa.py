@@ -2,7 +2,10 @@
 
 Layout [B, T, N, H]; native grouped-query attention (fewer kv heads), ``scale=`` for custom
 scales, and ``is_causal`` only where its top-left alignment is right (Tq == Tk, no other
-mask); otherwise the bottom-right causal rule goes in as a bool mask. ``implementation``
+mask); otherwise the bottom-right causal rule goes in as a bool mask. Contract v2: ``bias=``
+for ``attn_bias`` (differentiated by the vjp), ``key_value_seq_lengths=`` for ``kv_lengths``,
+and ``local_window_size=`` where its top-left alignment is right (Tq == Tk, no lengths), else
+the window in the bool mask, aligned to each row's length. It has no softcap. ``implementation``
 is ``"xla"`` on CPU and ``"cudnn"`` on GPU where the case fits cuDNN (half dtypes), else
 ``"xla"``. :func:`attention` is the one statement of the computation (forward, vjp and the
 timed body in ``impls/jax/timed.py``); it is jit-compiled once per process for each distinct
@@ -50,11 +53,13 @@ class Structure:
     scale: float | None
     #: jax's is_causal is top-left aligned: used only where that is the rule (Tq == Tk, no mask).
     top_left_causal: bool
+    #: local_window_size (left, right), where its top-left alignment is the rule; else in the mask.
+    window: tuple[int, int] | None
     out_proj: bool
     implementation: str
 
 
-def attention(params: Mapping[str, Any], query, key, value, mask, structure: Structure):
+def attention(params: Mapping[str, Any], query, key, value, mask, bias, lengths, structure: Structure):
     """Projections, ``jax.nn.dot_product_attention`` ([B, T, N, H]) and the output projection;
     ``params`` holds the case's ``w_*``/``b_*`` in the golden [in, out] layout (a bias the case
     lacks is absent, not zero). Pure, for ``jax.jit`` and ``jax.vjp``."""
@@ -69,7 +74,16 @@ def attention(params: Mapping[str, Any], query, key, value, mask, structure: Str
     q, k = project(query, "q", s.heads, s.head_dim), project(key, "k", s.kv_heads, s.head_dim)
     v = project(value, "v", s.kv_heads, s.v_head_dim)
     ctx = import_jax().nn.dot_product_attention(
-        q, k, v, mask=mask, scale=s.scale, is_causal=s.top_left_causal, implementation=s.implementation
+        q,
+        k,
+        v,
+        bias=bias,
+        mask=mask,
+        scale=s.scale,
+        is_causal=s.top_left_causal,
+        key_value_seq_lengths=lengths,
+        local_window_size=s.window,
+        implementation=s.implementation,
     )
     out = ctx.reshape(query.shape[0], query.shape[1], s.heads * s.v_head_dim)
     if s.out_proj:
@@ -79,17 +93,31 @@ def attention(params: Mapping[str, Any], query, key, value, mask, structure: Str
     return out
 
 
-def attention_vjp(params, query, key, value, mask, structure: Structure):
-    """``(output, pullback)`` of :func:`attention` with respect to params, query, key and value
-    (three arguments even when a self-attention caller passes one array three times)."""
+def attention_vjp(params, query, key, value, mask, bias, lengths, structure: Structure):
+    """``(output, pullback)`` of :func:`attention` with respect to params, query, key, value and,
+    where the case has one, the bias (three arguments even when a self-attention caller passes
+    one array three times)."""
+    if bias is None:
+        return import_jax().vjp(
+            lambda p, q, k, v: attention(p, q, k, v, mask, None, lengths, structure),
+            params,
+            query,
+            key,
+            value,
+        )
     return import_jax().vjp(
-        lambda p, q, k, v: attention(p, q, k, v, mask, structure), params, query, key, value
+        lambda p, q, k, v, b: attention(p, q, k, v, mask, b, lengths, structure),
+        params,
+        query,
+        key,
+        value,
+        bias,
     )
 
 
-def attention_gradients(params, query, key, value, mask, grad_output, structure: Structure):
-    """The gradients of ``sum(attention(...) * grad_output)``: (d_params, d_query, d_key, d_value)."""
-    _, pullback = attention_vjp(params, query, key, value, mask, structure)
+def attention_gradients(params, query, key, value, mask, bias, lengths, grad_output, structure: Structure):
+    """The gradients of ``sum(attention(...) * grad_output)``: (d_params, d_query, d_key, d_value[, d_bias])."""
+    _, pullback = attention_vjp(params, query, key, value, mask, bias, lengths, structure)
     return pullback(grad_output)
 
 
@@ -98,6 +126,8 @@ class JaxSDPA(JaxAdapter):
     path = (
         "jax.numpy projections + jax.nn.dot_product_attention (xla on CPU, cudnn on GPU for half dtypes), jit"
     )
+    variants = frozenset({"attn_bias", "window", "kv_lengths"})
+    cannot_express = {"softcap": "jax.nn.dot_product_attention has no logit softcap"}
     divergences = (
         Divergence(FLOAT32_SOFTMAX, check="golden", dtype="float64", when=several_keys_per_row),
         Divergence(FLOAT32_SOFTMAX, check="gradients", dtype="float64", when=several_keys_per_row),
@@ -126,8 +156,14 @@ class JaxSDPA(JaxAdapter):
         return "cudnn" if device == "cuda" and dtype in ("float16", "bfloat16") else "xla"
 
     def structure(self, spec: Mapping[str, Any], dtype: str, device: str) -> Structure:
-        top_left = spec["causal"] and spec["q_len"] == spec["kv_len"] and spec.get("mask") is None
+        aligned = spec["q_len"] == spec["kv_len"] and spec.get("kv_lengths") is None
+        top_left = spec["causal"] and aligned and spec.get("mask") is None
+        window = spec.get("window")
+        native = None
+        if window is not None and aligned:
+            native = tuple(w if w >= 0 else spec["kv_len"] for w in window)
         return Structure(
+            window=native,
             heads=spec["num_heads"],
             kv_heads=spec["num_kv_heads"],
             head_dim=spec["head_dim"],
@@ -144,8 +180,18 @@ class JaxSDPA(JaxAdapter):
 
     def mask(self, spec: Mapping[str, Any], structure: Structure, mask: np.ndarray | None, device: str):
         """The bool mask :func:`attention` takes (None where ``is_causal`` carries the rule)."""
-        allowed_keys = None if structure.top_left_causal else allowed(spec, mask)
+        if structure.top_left_causal:
+            return None
+        allowed_keys = allowed(spec, mask, window=structure.window is None)
         return None if allowed_keys is None else self.put(allowed_keys, "bool", device)
+
+    def extras(self, spec: Mapping[str, Any], inputs: Mapping[str, np.ndarray], dtype: str, device: str):
+        """``(bias, key_value_seq_lengths)`` as :func:`attention` takes them (None where absent)."""
+        bias = self.put(inputs["attn_bias"], dtype, device) if "attn_bias" in inputs else None
+        lengths = spec.get("kv_lengths")
+        if lengths is not None:
+            lengths = import_jax().device_put(np.asarray(lengths, np.int32), self.device(device))
+        return bias, lengths
 
     def prepare(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
         params, structure = self.params(case, dtype, device), self.structure(spec, dtype, device)
@@ -154,7 +200,7 @@ class JaxSDPA(JaxAdapter):
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             args = [self.put(inputs[n], dtype, device) for n in ("query", "key", "value")]
             mask = self.mask(spec, structure, inputs.get("mask"), device)
-            out = forward(params, *args, mask, structure=structure)
+            out = forward(params, *args, mask, *self.extras(spec, inputs, dtype, device), structure=structure)
             return {
                 "output": self.fetch(out, dtype, device),
                 "meta": {"implementation": structure.implementation},
@@ -172,10 +218,13 @@ class JaxSDPA(JaxAdapter):
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             args = [self.put(inputs[n], dtype, device) for n in ("query", "key", "value", "grad_output")]
             mask = self.mask(spec, structure, inputs.get("mask"), device)
-            d_params, d_query, d_key, d_value = gradients(
-                params, *args[:3], mask, args[3], structure=structure
+            bias, lengths = self.extras(spec, inputs, dtype, device)
+            d_params, d_query, d_key, d_value, *d_bias = gradients(
+                params, *args[:3], mask, bias, lengths, args[3], structure=structure
             )
             grads = {"grad_query": d_query, "grad_key": d_key, "grad_value": d_value}
+            if d_bias:
+                grads["grad_attn_bias"] = d_bias[0]
             grads.update({f"grad_{n}": g for n, g in d_params.items()})
             result: dict[str, Any] = {n: self.fetch(g, dtype, device) for n, g in grads.items()}
             result["meta"] = {"implementation": structure.implementation}
@@ -208,7 +257,7 @@ class JaxSDPA(JaxAdapter):
             self,
             dtype,
             device,
-            forward=lambda: forward(params, q, k, v, mask),
-            pullback=lambda: pullback(params, q, k, v, mask),
+            forward=lambda: forward(params, q, k, v, mask, None, None),
+            pullback=lambda: pullback(params, q, k, v, mask, None, None),
             meta=meta,
         )

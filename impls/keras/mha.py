@@ -14,7 +14,9 @@ backends. Weights go in through the EinsumDense sublayers (query/key kernels [in
 biases [H, hd], value kernel [vdim, H, hdv], output kernel [H, hdv, d_out]). The causal rule
 goes in as Keras's own ``use_causal_mask`` where its top-left alignment is right (Tq == Tk,
 no other mask), else as an explicit ``attention_mask`` (True = attend), which Keras shares
-across heads ([B, Tq, Tk]). Half precision comes from Keras dtype policies.
+across heads ([B, Tq, Tk]), with per-batch key lengths and windows folded in (contract v2).
+The layer has no additive bias and no softcap argument. Half precision comes from Keras dtype
+policies.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mha_conformance.impls.adapter import Adapter, Arrays, Divergence, Prepared, Spec
+from mha_conformance.impls.adapter import Adapter, Arrays, Divergence, Prepared, Spec, rule_mask
 from mha_conformance.impls.bench import Bench
 from mha_conformance.impls.keras.backend import KERAS_BACKENDS, import_keras
 from mha_conformance.impls.keras.divergences import JAX_VALUE_WIDTH, keras_divergences, values_wider_than_keys
@@ -39,6 +41,11 @@ class KerasMHA(Adapter):
     framework = "keras"
     extra = "tensorflow"
     device_kinds = ("cpu", "cuda")
+    variants = frozenset({"window", "kv_lengths"})
+    cannot_express = {
+        "attn_bias": "keras.layers.MultiHeadAttention takes a boolean attention_mask only (no additive bias)",
+        "softcap": "keras.layers.MultiHeadAttention has no logit softcap",
+    }
     path = (
         "keras.layers.MultiHeadAttention / GroupQueryAttention, fused ops.dot_product_attention (no scores)"
     )
@@ -168,14 +175,13 @@ class KerasMHA(Adapter):
     def _attention_mask(self, spec: Mapping[str, Any], mask: np.ndarray | None):
         """(attention_mask [B, Tq, Tk] or None, use_causal_mask) with the bottom-right causal rule."""
         b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
-        if spec["causal"] and mask is None and tq == tk:
+        rules = spec.get("kv_lengths") is not None or spec.get("window") is not None
+        if spec["causal"] and mask is None and tq == tk and not rules:
             return None, True  # Keras's own causal mask is top-left, right when Tq == Tk
-        allowed = np.ones((b, tq, tk), dtype=bool)
-        if mask is not None:
-            allowed &= np.broadcast_to(mask[:, 0], (b, tq, tk))
-        if spec["causal"]:
-            allowed &= np.tri(tq, tk, k=tk - tq, dtype=bool)
-        return (allowed if mask is not None or spec["causal"] else None), False
+        allowed = rule_mask(spec, mask)
+        if allowed is None:
+            return None, False
+        return np.broadcast_to(allowed[:, 0], (b, tq, tk)).copy(), False
 
     def _device_scope(self, device: str):
         """Place what is built and computed inside on ``device``, explicitly: every backend would

@@ -13,6 +13,12 @@ its inputs rather than from Tq and Tk:
   no key and the specification says they give zeros;
 * Tq == Tk: offset 0, plain ``is_causal``.
 
+Contract v2: ``softcap`` is the op's attribute; ``attn_bias`` its float ``attn_mask`` (with the
+bool rules folded in by ``Where(mask, bias, -inf)``); ``kv_lengths`` its ``nonpad_kv_seqlen``,
+whose offset ``nonpad_kv_seqlen[b] - Tq`` is exactly the contract's per-row alignment. Windows are
+the op's ``left_window_size``/``right_window_size`` only from opset 25, which onnxruntime 1.32's
+CPU provider runs as the function body, not a kernel (probed): they go into the bool mask.
+
 ``qk_matmul_output_mode=3`` returns the softmax weights, judged as ``attn_weights``. The
 first run is profiled to prove that onnxruntime's ``Attention`` kernel ran (it inlines the
 op's ONNX function body where it has no kernel, e.g. float64 on the CPU provider: a skip).
@@ -33,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from mha_conformance.impls.adapter import Arrays, Divergence, Prepared, Spec
+from mha_conformance.impls.adapter import Adapter, Arrays, Divergence, Prepared, Spec, rule_mask
 from mha_conformance.impls.onnx.common import Graph, OnnxRuntimeAdapter
 from mha_conformance.impls.onnx.runtime import Session, from_io, ort_version, to_io
 
@@ -55,26 +61,44 @@ KEY_PADDING_REJECTED = (
 
 
 def attention_model(
-    case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str, weights: bool = True
+    case: Mapping[str, np.ndarray],
+    spec: Mapping[str, Any],
+    dtype: str,
+    weights: bool = True,
+    native_window: bool = False,
 ) -> tuple[Any, list[str]]:
     """The ModelProto for one case in ``dtype`` and the names of its runtime inputs; with
-    ``weights`` the softmax weights are a second output (``qk_matmul_output_mode=3``)."""
+    ``weights`` the softmax weights are a second output (``qk_matmul_output_mode=3``). With
+    ``native_window`` a window is the op's ``left_window_size``/``right_window_size`` (opset 25)
+    rather than folded into the mask."""
     b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
     h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
     g = Graph(dtype)
-    names = ["query", "key", "value"] + (["mask"] if "mask" in case else [])
+    window = spec.get("window") if native_window else None
+    folded = runtime_mask({**spec, "window": None} if native_window else spec, case)
+    names = ["query", "key", "value", *folded] + (["attn_bias"] if "attn_bias" in case else [])
     q = g.linear(g.input("query", case["query"]), case, "q")
     k = g.linear(g.input("key", case["key"]), case, "k")
     v = g.linear(g.input("value", case["value"]), case, "v")
-    mask = g.input("mask", case["mask"]) if "mask" in case else ""
+    mask = g.input("mask", folded["mask"]) if folded else ""
+    if "attn_bias" in case:
+        bias = g.input("attn_bias", case["attn_bias"])
+        mask = g.node("Where", [mask, bias, g.const("neg_inf", np.array(-np.inf))])[0] if mask else bias
     attrs: dict[str, Any] = {"q_num_heads": h, "kv_num_heads": hkv}
+    if spec.get("softcap") is not None:
+        attrs["softcap"] = float(spec["softcap"])
+    if window is not None:
+        attrs["left_window_size"], attrs["right_window_size"] = window
     if weights:
         attrs["qk_matmul_output_mode"] = 3
     if spec["scale"] is not None:
         attrs["scale"] = float(spec["scale"])
     past_k = past_v = nonpad = ""
-    if spec["causal"]:
-        attrs["is_causal"] = 1
+    if spec.get("kv_lengths") is not None:  # offset = length - Tq per row: the contract's alignment
+        nonpad = g.ints("nonpad_kv_seqlen", spec["kv_lengths"])
+        attrs["is_causal"] = int(spec["causal"])
+    elif spec["causal"] or window is not None:  # the op aligns both by the cache's offset
+        attrs["is_causal"] = int(spec["causal"])
         if tq < tk:  # the leading keys become the cache: offset = past length = Tk - Tq
             p = tk - tq
             past_k = g.heads(g.seq_slice(k, 0, p), b, p, hkv, hd)
@@ -92,7 +116,28 @@ def attention_model(
     g.output(y, "output", [b, tq, spec["d_out"]])
     if weights:
         g.output(outs[-1], "attn_weights", [b, h, tq, tk])
-    return g.model({"": OPSET}), names
+    return g.model({"": 25 if window is not None else OPSET}), names
+
+
+def folded_mask(case: Mapping[str, np.ndarray], spec: Mapping[str, Any]) -> np.ndarray:
+    """The bool ``attn_mask``: the case's mask with the window folded in (onnxruntime has no kernel
+    for the opset-25 window attributes), at least [.., Tq, Tk] (the CPU kernel wants dim -2 = Tq)."""
+    if spec.get("window") is None:
+        return case["mask"]
+    folded = rule_mask(spec, case["mask"], causal=False, lengths=False)
+    shape = folded.shape[:2] + (spec["q_len"], spec["kv_len"])
+    return np.broadcast_to(folded, shape).copy()
+
+
+def runtime_mask(spec: Mapping[str, Any], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ``mask`` input the model takes: the case's (or an all-True one) with the window
+    folded in, where the case has a mask or a window."""
+    if "mask" not in inputs and spec.get("window") is None:
+        return {}
+    given = inputs.get("mask")
+    if given is None:
+        given = np.ones((1, 1, spec["q_len"], spec["kv_len"]), bool)
+    return {"mask": folded_mask({"mask": given}, spec)}
 
 
 def decoder_model(case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str) -> Any:
@@ -109,6 +154,8 @@ def decoder_model(case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype
     }
     if spec["scale"] is not None:
         attrs["scale"] = float(spec["scale"])
+    if spec.get("softcap") is not None:
+        attrs["softcap"] = float(spec["softcap"])
 
     def attend(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str) -> list[str]:
         return g.node("Attention", [q, k, v, "", past_k, past_v], n_out=3, **attrs)
@@ -177,6 +224,7 @@ def cache_streams(
 
 class OnnxAttention(OnnxRuntimeAdapter):
     name = "onnx-attention"
+    variants = frozenset({"attn_bias", "softcap", "window", "kv_lengths"})
     path = (
         f"hand-built graph: MatMul/Add projections, then the standard ONNX Attention op (opset {OPSET}: "
         "q_num_heads/kv_num_heads, scale, bool attn_mask, is_causal with past_key/past_value or "
@@ -194,7 +242,8 @@ class OnnxAttention(OnnxRuntimeAdapter):
         session = Session(model, device, self.kernel, f"{self.name}: case {spec['id']} in {dtype}")
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-            out, weights = session.run({n: to_io(inputs[n], dtype) for n in names})
+            feeds = {**inputs, **runtime_mask(spec, inputs)}
+            out, weights = session.run({n: to_io(feeds[n], dtype) for n in names})
             meta = {**session.meta, "opset": str(OPSET), "onnxruntime": ort_version()}
             return {"output": from_io(out, dtype), "attn_weights": from_io(weights, dtype), "meta": meta}
 
@@ -207,7 +256,76 @@ class OnnxAttention(OnnxRuntimeAdapter):
     def prepare_decoder(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Callable[[], Prepared]:
         """past_key/past_value in, present_key/present_value out (the op's own cache update),
         fed back step by step; the first step with an empty past."""
+        if spec.get("window") is not None or spec.get("attn_bias") is not None:
+            raise NotImplementedError(
+                "decoding through the op's cache with a window or a bias would need a mask per step (the "
+                "window attributes need opset 25, which onnxruntime runs only as a function body)"
+            )
         what = f"{self.name}: case {spec['id']} in {dtype}, decoding"
         session = Session(decoder_model(case, spec, dtype), device, self.kernel, what)
         about = {"opset": str(OPSET), "onnxruntime": ort_version(), "cache": "past_key/past_value -> present"}
         return cache_streams(session, spec, dtype, about)
+
+
+class OnnxReference(OnnxAttention):
+    """The same graph, run by ``onnx.reference.ReferenceEvaluator``: the ONNX project's own
+    NumPy implementation of the op, independent of this suite's reference and of onnxruntime."""
+
+    name = "onnx-reference"
+    framework = "onnx"
+    extra = "onnx"
+    kernel = None
+    divergences = (
+        Divergence(
+            "ONNX float attributes are 32-bit (AttributeProto.f): a float64 graph's scale is the float32 nearest "
+            "the case's (0.3 becomes 0.30000001192092896), a float32 step inside a float64 computation",
+            check="golden",
+            dtype="float64",
+            when=lambda s: s["scale"] is not None and float(np.float32(s["scale"])) != s["scale"],
+        ),
+        Divergence(
+            "onnx.reference runs a bfloat16 graph in NumPy on ml_dtypes.bfloat16 arrays: the softmax's row sums "
+            "(np.sum) round every partial sum to bfloat16 instead of accumulating in float32, so over hundreds "
+            "of keys the normaliser drifts by several bfloat16 ulps (measured: 8x the tolerance at 512 and 1024 "
+            "keys); the contract's half-precision arithmetic accumulates in float32",
+            check="golden",
+            dtype="bfloat16",
+            when=lambda s: s["kv_len"] >= 512,
+        ),
+    )
+    path = (
+        "the onnx-attention graph (windows as the opset-25 left/right_window_size attributes) run by "
+        "onnx.reference.ReferenceEvaluator, the ONNX project's own NumPy implementation"
+    )
+
+    def devices(self) -> list[str]:
+        return ["cpu"]
+
+    def versions(self) -> dict[str, str]:
+        from mha_conformance.impls.onnx.runtime import onnx
+
+        return {"onnx": onnx().__version__}
+
+    def supports(self, spec: Spec, dtype: str, device: str) -> str | None:
+        return None
+
+    def prepare(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
+        from onnx.reference import ReferenceEvaluator
+
+        model, names = attention_model(case, spec, dtype, native_window=True)
+        evaluator = ReferenceEvaluator(model)
+        opset = str(model.opset_import[0].version)
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            feeds = {**inputs, **runtime_mask({**spec, "window": None}, inputs)}
+            out, weights = evaluator.run(None, {n: to_io(feeds[n], dtype) for n in names})
+            meta = {"evaluator": "onnx.reference.ReferenceEvaluator", "opset": opset}
+            return {"output": from_io(out, dtype), "attn_weights": from_io(weights, dtype), "meta": meta}
+
+        return run
+
+    def prepare_decoder(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Callable[[], Prepared]:
+        raise NotImplementedError("onnx-reference is checked on whole passes; onnx-attention decodes the op")
+
+    #: A NumPy reference implementation, not a runtime to time: no timed path.
+    bench = Adapter.bench

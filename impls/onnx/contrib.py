@@ -14,6 +14,9 @@ The op masks by adding ``mask_filter_value`` (default -10000) to masked scores, 
 j <= past_length + i. So Tq < Tk causal cases put the first Tk - Tq keys and values into
 ``past_key``/``past_value`` (with ``present_*`` outputs, which the kernel needs to take the
 past length; biases are then added before the split), which is the bottom-right rule.
+Contract v2: ``attn_bias`` is the op's ``attention_bias`` (added to a per-head mask's, where
+both); per-batch key lengths and windows go into the mask, causal with them (``unidirectional``
+aligns to the cache, not to each row's length). The op has no softcap.
 What the op cannot express is a skip with the reason; where it disagrees, a divergence.
 Incremental decoding feeds the op's ``present_key``/``present_value`` back as the next
 ``past_key``/``past_value`` (from a zero-length past), as ``onnx-attention`` does.
@@ -26,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mha_conformance.impls.adapter import Arrays, Divergence, Prepared, Spec, has_empty_rows
+from mha_conformance.impls.adapter import Arrays, Divergence, Prepared, Spec, has_empty_rows, rule_mask
 from mha_conformance.impls.onnx.attention import cache_streams, step_model
 from mha_conformance.impls.onnx.common import Graph, OnnxRuntimeAdapter
 from mha_conformance.impls.onnx.runtime import (
@@ -47,8 +50,10 @@ def contrib_model(
     b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
     h, hd, hdv = spec["num_heads"], spec["head_dim"], spec["v_head_dim"]
     g = Graph(dtype)
-    names = ["query", "key", "value"] + (["mask"] if "mask" in case else [])
-    past = spec["causal"] and tq < tk
+    masks = folded_masks(spec, case)
+    names = ["query", "key", "value", *masks] + (["attn_bias"] if "attn_bias" in case else [])
+    causal = spec["causal"] and not rules_in_mask(spec)
+    past = causal and tq < tk
     # Biases go into the kernel's packed bias input, except with a past cache, which must hold
     # finished (biased) keys and values.
     q = g.linear(g.input("query", case["query"]), case, "q", bias=past)
@@ -58,12 +63,17 @@ def contrib_model(
     if spec["qkv_bias"] and not past:
         bias = g.const("bias_qkv", np.concatenate([case["b_q"], case["b_k"], case["b_v"]]))
     key_padding = attention_bias = ""
-    if "mask" in case:
-        key_padding, attention_bias = mask_inputs(g, g.input("mask", case["mask"]), case["mask"].shape, spec)
+    if masks:
+        key_padding, attention_bias = mask_inputs(
+            g, g.input("mask", masks["mask"]), masks["mask"].shape, spec
+        )
+    if "attn_bias" in case:
+        given = g.input("attn_bias", case["attn_bias"])
+        attention_bias = g.node("Add", [attention_bias, given])[0] if attention_bias else given
     attrs: dict[str, Any] = {"num_heads": h}
     if spec["scale"] is not None:
         attrs["scale"] = float(spec["scale"])
-    if spec["causal"]:
+    if causal:
         attrs["unidirectional"] = 1
     past_k = past_v = ""
     if past:  # the leading Tk - Tq keys are the cache: unidirectional then aligns bottom-right
@@ -77,6 +87,19 @@ def contrib_model(
         y = g.linear(y, case, "o")
     g.output(y, "output", [b, tq, spec["d_out"]])
     return g.model({"": DEFAULT_OPSET, MS_DOMAIN: 1}), names
+
+
+def rules_in_mask(spec: Mapping[str, Any]) -> bool:
+    """Per-batch lengths or a window: the mask then carries them and causal, each row aligned to
+    its own length (``unidirectional`` aligns to the past cache alone)."""
+    return spec.get("kv_lengths") is not None or spec.get("window") is not None
+
+
+def folded_masks(spec: Mapping[str, Any], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ``mask`` input the model takes (none when the case has no mask and no rule to fold)."""
+    if rules_in_mask(spec):
+        return {"mask": rule_mask(spec, inputs.get("mask"))}
+    return {"mask": inputs["mask"]} if "mask" in inputs else {}
 
 
 def contrib_decoder_model(case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtype: str) -> Any:
@@ -113,7 +136,8 @@ def mask_inputs(g: Graph, mask: str, shape: tuple[int, ...], spec: Mapping[str, 
 FULLY_MASKED = (
     "com.microsoft.MultiHeadAttention masks by adding mask_filter_value (-10000) to masked scores, so a "
     "query row with no allowed key gets the softmax of its unmasked scores (the row attends every key as "
-    "if unmasked) where the reference (and the ONNX Attention specification) gives zeros"
+    "if unmasked), or NaN where the row's additive attention_bias is -inf at every key (a softmax over a row "
+    "of -inf is 0/0), where the reference (and the ONNX Attention specification) gives zeros"
 )
 TOP_LEFT_CAUSAL = (
     "unidirectional=1 without a past cache masks key j > i (top-left); with Tq 7 > Tk 4 the bottom-right "
@@ -124,7 +148,7 @@ TOP_LEFT_CAUSAL = (
 
 def causal_with_more_queries_than_keys(spec: Mapping[str, Any]) -> bool:
     """Causal with Tq > Tk: where top-left and bottom-right alignment differ without a past cache."""
-    return spec["causal"] and spec["q_len"] > spec["kv_len"]
+    return spec["causal"] and spec["q_len"] > spec["kv_len"] and not rules_in_mask(spec)
 
 
 class OnnxContribMHA(OnnxRuntimeAdapter):
@@ -135,6 +159,8 @@ class OnnxContribMHA(OnnxRuntimeAdapter):
         "past_key/past_value for Tq < Tk)"
     )
     kernel = ("MultiHeadAttention", MS_DOMAIN)
+    variants = frozenset({"attn_bias", "window", "kv_lengths"})
+    cannot_express = {"softcap": "com.microsoft.MultiHeadAttention has no logit softcap"}
     divergences = (
         Divergence(
             TOP_LEFT_CAUSAL,
@@ -155,7 +181,8 @@ class OnnxContribMHA(OnnxRuntimeAdapter):
                 "com.microsoft.MultiHeadAttention has one K/V head per query head (grouped-query attention "
                 "is the separate com.microsoft.GroupQueryAttention op)"
             )
-        if spec["causal"] and spec["q_len"] < spec["kv_len"] and spec["v_head_dim"] != spec["head_dim"]:
+        past = spec["causal"] and spec["q_len"] < spec["kv_len"] and not rules_in_mask(spec)
+        if past and spec["v_head_dim"] != spec["head_dim"]:
             return "com.microsoft.MultiHeadAttention's past_value must have head_size = the key's head_size"
         return self.kernel_problem(dtype, device)
 
@@ -164,7 +191,8 @@ class OnnxContribMHA(OnnxRuntimeAdapter):
         session = Session(model, device, self.kernel, f"{self.name}: case {spec['id']} in {dtype}")
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-            (out,) = session.run({n: to_io(inputs[n], dtype) for n in names}, ["output"])
+            feeds = {**inputs, **folded_masks(spec, inputs)}
+            (out,) = session.run({n: to_io(feeds[n], dtype) for n in names}, ["output"])
             meta = {**session.meta, "onnxruntime": ort_version()}
             return {"output": from_io(out, dtype), "meta": meta}
 
@@ -177,6 +205,10 @@ class OnnxContribMHA(OnnxRuntimeAdapter):
     def prepare_decoder(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Callable[[], Prepared]:
         """past_key/past_value in, present_key/present_value out, fed back step by step; the
         first step with an empty past."""
+        if rules_in_mask(spec) or spec.get("attn_bias") is not None:
+            raise NotImplementedError(
+                "decoding through the op's cache with a window or a bias would need a mask per step"
+            )
         if spec["v_head_dim"] != spec["head_dim"]:
             raise NotImplementedError(
                 f"{self.name}: case {spec['id']}: com.microsoft.MultiHeadAttention's past_value must have the "

@@ -218,6 +218,12 @@ class OnnxExport(OnnxRuntimeAdapter):
         "opset (SDPA decomposed into MatMul/Softmax), run by onnxruntime"
     )
     dtypes = ("float32", "float16")
+    # The exported module is traced for contract v1's inputs; the variants are not wired into it.
+    cannot_express = {
+        v: f"the exported graph is traced from torch-sdpa's module for contract v1's inputs; {v} is not wired "
+        "into the export (torch-sdpa and onnx-attention run it)"
+        for v in ("attn_bias", "softcap", "window", "kv_lengths")
+    }
     divergences = (Divergence(FINFO_MIN_MASK, check="golden", when=has_empty_rows),)
     #: None = the exporter's default opset.
     opset: int | None = None

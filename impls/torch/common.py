@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from mha_conformance.impls.adapter import Adapter, Arrays, Spec
+from mha_conformance.impls.adapter import Adapter, Arrays, Spec, rule_mask
 from mha_conformance.impls.bench import Bench
 from mha_conformance.impls.torch import timed
 from mha_conformance.impls.torch.convert import import_torch, to_torch
@@ -69,15 +69,36 @@ class TorchAdapter(Adapter):
 
 
 def allowed_mask(spec: Mapping[str, Any], mask: np.ndarray | None, device: str):
-    """Bool [B|1, H|1, Tq, Tk], True = may attend: the case mask AND the causal rule
-    ``j <= i + (Tk - Tq)`` (bottom-right aligned). None when nothing is masked."""
-    t = import_torch()
-    tq, tk = spec["q_len"], spec["kv_len"]
-    allowed = None if mask is None else t.from_numpy(np.ascontiguousarray(mask)).to(device)
-    if spec["causal"]:
-        causal = t.ones(tq, tk, dtype=t.bool, device=device).tril(diagonal=tk - tq)
-        allowed = causal[None, None] if allowed is None else allowed & causal
-    return allowed
+    """Bool [B|1, H|1, Tq, Tk] on ``device``, True = may attend: the case mask AND the causal rule
+    ``j <= i + (Tk - Tq)`` (bottom-right aligned), each row's ``kv_lengths`` and the ``window``
+    (``impls.adapter.rule_mask``). None when nothing is masked."""
+    allowed = rule_mask(spec, mask)
+    return None if allowed is None else import_torch().from_numpy(np.ascontiguousarray(allowed)).to(device)
+
+
+def project_heads(params: Mapping[str, Any], x, short: str, heads: int, width: int):
+    """``x @ W (+ b)`` with the golden [in, out] weight, as [B, heads, T, width]."""
+    y = x @ params[f"w_{short}"]
+    if f"b_{short}" in params:
+        y = y + params[f"b_{short}"]
+    return y.view(x.shape[0], -1, heads, width).transpose(1, 2)
+
+
+def merge_and_project(params: Mapping[str, Any], ctx, spec: Mapping[str, Any]):
+    """Heads [B, H, Tq, hdv] back to [B, Tq, H*hdv], then the output projection the case has."""
+    b, _, tq, _ = ctx.shape
+    out = ctx.transpose(1, 2).reshape(b, tq, spec["num_heads"] * spec["v_head_dim"])
+    if spec["out_proj"]:
+        out = out @ params["w_o"]
+        if "b_o" in params:
+            out = out + params["b_o"]
+    return out
+
+
+def additive_mask(bias, allowed):
+    """A float attention mask: the case's ``attn_bias`` (``-inf`` = masked) with ``-inf`` wherever
+    ``allowed`` (bool, or None) forbids a key. Differentiable in ``bias``."""
+    return bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
 
 
 def linear_weight(w: np.ndarray, dtype: str, device: str):

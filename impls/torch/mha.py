@@ -11,7 +11,9 @@
 
 Weights go in as PyTorch stores them: packed ``in_proj_weight`` [3E, E] when kdim = vdim =
 E, separate ``q/k/v_proj_weight`` otherwise. Bool masks are inverted to PyTorch's
-True = blocked convention; a per-batch key padding mask goes in as ``key_padding_mask``.
+True = blocked convention; a per-batch key padding mask goes in as ``key_padding_mask``. Per-batch
+key lengths and windows go into the mask; an additive ``attn_bias`` is the float ``attn_mask``
+[B*H, Tq, Tk] (the bool rules folded in as ``-inf``), differentiable for ``grad_attn_bias``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mha_conformance.impls.adapter import Arrays, Divergence, Prepared, Spec, has_empty_rows
-from mha_conformance.impls.torch.common import TorchAdapter, allowed_mask, input_leaves
+from mha_conformance.impls.torch.common import TorchAdapter, additive_mask, allowed_mask, input_leaves
 from mha_conformance.impls.torch.convert import import_torch, to_numpy, to_torch, torch_dtype
 from mha_conformance.impls.torch.timed import Built, bench_inputs
 
@@ -36,6 +38,8 @@ class TorchMHA(TorchAdapter):
     name = "torch-mha"
     path = "nn.MultiheadAttention(need_weights=True, average_attn_weights=False), explicit softmax path"
     need_weights = True
+    variants = frozenset({"attn_bias", "window", "kv_lengths"})
+    cannot_express = {"softcap": "nn.MultiheadAttention has no logit softcap"}
     divergences = (
         Divergence(
             f"nn.MultiheadAttention need_weights=True: {NAN_ROWS}", check="golden", when=has_empty_rows
@@ -106,15 +110,26 @@ class TorchMHA(TorchAdapter):
                 module.out_proj.bias.copy_(bias_or_zeros("b_o", e))
         return module.eval()
 
-    def masks(self, spec: Mapping[str, Any], inputs: Mapping[str, np.ndarray], device: str):
-        """(attn_mask, key_padding_mask) in PyTorch's True = blocked convention."""
+    def masks(self, spec: Mapping[str, Any], inputs: Mapping[str, np.ndarray], device: str, bias=None):
+        """(attn_mask, key_padding_mask) in PyTorch's True = blocked convention, or, with an
+        additive ``bias`` tensor, a float attn_mask [B*H, Tq, Tk] (``-inf`` where blocked)."""
         allowed = allowed_mask(spec, inputs.get("mask"), device)
+        b, h, tq, tk = spec["batch"], spec["num_heads"], spec["q_len"], spec["kv_len"]
+        if bias is not None:
+            full = allowed if allowed is None else allowed.expand(b, h, tq, tk)
+            return additive_mask(bias.expand(b, h, tq, tk), full).reshape(b * h, tq, tk), None
         if allowed is None:
             return None, None
-        b, h, tq, tk = spec["batch"], spec["num_heads"], spec["q_len"], spec["kv_len"]
         if not spec["causal"] and tuple(allowed.shape) == (b, 1, 1, tk):
             return None, ~allowed[:, 0, 0, :]
         return ~allowed.expand(b, h, tq, tk).reshape(b * h, tq, tk), None
+
+    @staticmethod
+    def bias(inputs: Mapping[str, np.ndarray], dtype: str, device: str, requires_grad: bool = False):
+        """The case's additive ``attn_bias`` as a tensor, or None."""
+        if "attn_bias" not in inputs:
+            return None
+        return to_torch(inputs["attn_bias"], dtype, device, requires_grad=requires_grad)
 
     def inputs(self, spec, inputs, dtype: str, device: str):
         q = to_torch(inputs["query"], dtype, device)
@@ -134,7 +149,7 @@ class TorchMHA(TorchAdapter):
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             q, k, v = self.inputs(spec, inputs, dtype, device)
-            attn_mask, key_padding_mask = self.masks(spec, inputs, device)
+            attn_mask, key_padding_mask = self.masks(spec, inputs, device, self.bias(inputs, dtype, device))
             out, weights = module(
                 q,
                 k,
@@ -160,7 +175,10 @@ class TorchMHA(TorchAdapter):
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             module.zero_grad(set_to_none=True)
             leaves = input_leaves(inputs, dtype, device)
-            attn_mask, key_padding_mask = self.masks(spec, inputs, device)
+            bias = self.bias(inputs, dtype, device, requires_grad=True)
+            if bias is not None:
+                leaves["attn_bias"] = bias
+            attn_mask, key_padding_mask = self.masks(spec, inputs, device, bias)
             out, _ = module(
                 leaves["query"],
                 leaves["key"],
@@ -250,7 +268,7 @@ class TorchMHAFastPath(TorchMHA):
 
         def call(inputs):
             q, k, v = self.inputs(spec, inputs, dtype, device)
-            attn_mask, key_padding_mask = self.masks(spec, inputs, device)
+            attn_mask, key_padding_mask = self.masks(spec, inputs, device, self.bias(inputs, dtype, device))
             with t.inference_mode():
                 out, _ = module(
                     q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False

@@ -97,6 +97,12 @@ def module_class():
 class TorchScratch(TorchAdapter):
     name = "torch-scratch"
     path = "the seed's from-scratch nn.Module: Linear Q/K/V, view/transpose, triu buffer, masked_fill(-inf), softmax"
+    cannot_express = {
+        "attn_bias": "the seed's from-scratch module has no additive attention bias",
+        "softcap": "the seed's from-scratch module has no logit softcap",
+        "window": "the seed's from-scratch module masks with its causal triu buffer only (no sliding window)",
+        "kv_lengths": "the seed's from-scratch module has no per-batch key lengths",
+    }
     divergences = (
         Divergence(f"seed from-scratch module: {NAN_ROWS}", check="golden", when=has_empty_rows),
         Divergence(

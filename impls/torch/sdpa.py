@@ -2,7 +2,9 @@
 
 ``scale=`` carries custom scales, ``enable_gqa`` grouped-query cases, and ``is_causal`` is
 used only where its top-left alignment is right (Tq == Tk, no other mask); otherwise the
-causal offset goes in as an explicit bool mask (True = may attend, SDPA's convention). The
+causal offset goes in as an explicit bool mask (True = may attend, SDPA's convention), with
+per-batch key lengths and windows. An additive ``attn_bias`` is SDPA's float ``attn_mask`` (the
+bool rules folded in as ``-inf``), differentiable for ``grad_attn_bias``. SDPA has no softcap. The
 first call of each prepared case is profiled to record which SDPA kernel PyTorch chose.
 """
 
@@ -14,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from mha_conformance.impls.adapter import Arrays, Prepared, Spec
-from mha_conformance.impls.torch.common import TorchAdapter, allowed_mask, input_leaves
+from mha_conformance.impls.torch.common import (
+    TorchAdapter,
+    additive_mask,
+    allowed_mask,
+    input_leaves,
+    merge_and_project,
+    project_heads,
+)
 from mha_conformance.impls.torch.convert import import_torch, to_numpy, to_torch
 from mha_conformance.impls.torch.timed import Built, bench_inputs
 
@@ -40,6 +49,10 @@ def profiled_kernel(fn, candidates=SDPA_KERNELS):
 class TorchSDPA(TorchAdapter):
     name = "torch-sdpa"
     path = "x @ W + b projections, F.scaled_dot_product_attention(attn_mask, is_causal, scale, enable_gqa)"
+    variants = frozenset({"attn_bias", "window", "kv_lengths"})
+    cannot_express = {
+        "softcap": "F.scaled_dot_product_attention has no logit softcap (FlexAttention's score_mod has)"
+    }
 
     def prepare(
         self, case: Arrays, spec: Spec, dtype: str, device: str, *, dropout_p: float = 0.0
@@ -51,7 +64,8 @@ class TorchSDPA(TorchAdapter):
         def attend(inputs: Mapping[str, np.ndarray]):
             q, k, v = (to_torch(inputs[n], dtype, device) for n in ("query", "key", "value"))
             masks = self.masks(spec, inputs.get("mask"), device)
-            return self.attend(params, q, k, v, masks, spec, dropout_p=dropout_p)
+            bias = to_torch(inputs["attn_bias"], dtype, device) if "attn_bias" in inputs else None
+            return self.attend(params, q, k, v, masks, spec, dropout_p=dropout_p, bias=bias)
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             with t.no_grad():
@@ -73,41 +87,36 @@ class TorchSDPA(TorchAdapter):
         """SDPA's mask arguments ``(attn_mask, is_causal)``: ``is_causal`` only where its top-left
         alignment is right (Tq == Tk, no other mask), else the bottom-right rule and the case's
         mask as one bool tensor on ``device`` (built once per call; once in setup when timed)."""
-        top_left_causal = spec["causal"] and spec["q_len"] == spec["kv_len"] and mask is None
+        top_left_causal = (
+            spec["causal"]
+            and spec["q_len"] == spec["kv_len"]
+            and mask is None
+            and not any(spec.get(v) is not None for v in ("attn_bias", "window", "kv_lengths"))
+        )
         return (None if top_left_causal else allowed_mask(spec, mask, device)), top_left_causal
 
-    def attend(self, params, query, key, value, masks, spec: Mapping[str, Any], dropout_p: float = 0.0):
+    def attend(
+        self, params, query, key, value, masks, spec: Mapping[str, Any], dropout_p: float = 0.0, bias=None
+    ):
         """The attention on tensors: projections, SDPA (``masks`` from :meth:`masks`), output
         projection. :meth:`prepare`, :meth:`prepare_backward` and the timed body
         (``impls/torch/timed.py``) all run this."""
         f = import_torch().nn.functional
-        b, tq = spec["batch"], spec["q_len"]
         h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
-
-        def project(x, short: str, heads: int, width: int):
-            y = x @ params[f"w_{short}"]
-            if f"b_{short}" in params:
-                y = y + params[f"b_{short}"]
-            return y.view(b, -1, heads, width).transpose(1, 2)
-
-        q, k, v = project(query, "q", h, hd), project(key, "k", hkv, hd), project(value, "v", hkv, hdv)
+        q = project_heads(params, query, "q", h, hd)
+        k, v = project_heads(params, key, "k", hkv, hd), project_heads(params, value, "v", hkv, hdv)
         allowed, top_left_causal = masks
         ctx = f.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=allowed,
+            attn_mask=allowed if bias is None else additive_mask(bias, allowed),
             dropout_p=dropout_p,
             is_causal=top_left_causal,
             scale=spec["scale"],
             enable_gqa=hkv != h,
         )
-        out = ctx.transpose(1, 2).reshape(b, tq, h * hdv)
-        if spec["out_proj"]:
-            out = out @ params["w_o"]
-            if "b_o" in params:
-                out = out + params["b_o"]
-        return out
+        return merge_and_project(params, ctx, spec)
 
     def prepare_backward(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
         """Autograd through the same computation: weights, biases, query, key and value are
@@ -118,8 +127,11 @@ class TorchSDPA(TorchAdapter):
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             leaves = {n: to_torch(case[n], dtype, device, requires_grad=True) for n in names}
             leaves.update(input_leaves(inputs, dtype, device))
+            if "attn_bias" in inputs:
+                leaves["attn_bias"] = to_torch(inputs["attn_bias"], dtype, device, requires_grad=True)
             masks = self.masks(spec, inputs.get("mask"), device)
-            out = self.attend(leaves, leaves["query"], leaves["key"], leaves["value"], masks, spec)
+            bias = leaves.get("attn_bias")
+            out = self.attend(leaves, leaves["query"], leaves["key"], leaves["value"], masks, spec, bias=bias)
             out.backward(to_torch(inputs["grad_output"], dtype, device))
             return {f"grad_{n}": to_numpy(leaf.grad, dtype, device) for n, leaf in leaves.items()}
 

@@ -60,6 +60,12 @@ def module_classes():
 class TorchWrapper(TorchAdapter):
     name = "torch-wrapper"
     path = "the seed's MultiHeadAttentionWrapper: a ModuleList of single-head CausalAttention, outputs concatenated"
+    cannot_express = {
+        "attn_bias": "CausalAttention has no additive attention bias",
+        "softcap": "CausalAttention has no logit softcap",
+        "window": "CausalAttention masks with its causal buffer only (no sliding window)",
+        "kv_lengths": "CausalAttention has no per-batch key lengths",
+    }
 
     def supports(self, spec: Spec, dtype: str, device: str) -> str | None:
         if spec["out_proj"]:

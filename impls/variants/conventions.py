@@ -35,19 +35,37 @@ class Convention:
     dropout: bool = False  # apply dropout(spec["dropout"]) although this is eval mode (a bug)
     rel_error: float = 0.0  # multiply the output by (1 + rel_error)
     biases: bool = True  # add the biases the case has
+    softcap: str = "before_bias"  # contract v2: "before_bias", "after_bias" (the bias capped too), "ignored"
+    window: str = "bottom_right"  # a window's query position: "bottom_right", "top_left" (i), "ignored"
 
 
 REFERENCE = Convention()
 
 
-def _allowed(spec: Mapping[str, Any], mask: np.ndarray | None, conv: Convention) -> np.ndarray:
+def _allowed(
+    spec: Mapping[str, Any], mask: np.ndarray | None, bias: np.ndarray | None, conv: Convention
+) -> np.ndarray:
     b, h, tq, tk = spec["batch"], spec["num_heads"], spec["q_len"], spec["kv_len"]
     allowed = np.ones((b, h, tq, tk), bool)
     if mask is not None and conv.mask != "ignored":
         allowed &= mask if conv.mask == "true_attends" else ~mask
-    if spec["causal"] and conv.causal != "ignored":
-        offset = {"bottom_right": tk - tq, "top_left": 0, "off_by_one": tk - tq + 1}[conv.causal]
-        allowed &= np.tri(tq, tk, k=offset, dtype=bool)
+    if bias is not None:
+        allowed &= bias > -np.inf
+    lengths = spec.get("kv_lengths") or [tk] * b
+    for row, length in enumerate(lengths):  # contract v2: each row's keys, aligned to its length
+        allowed[row, ..., length:] = False
+        offset = length - tq
+        if spec["causal"] and conv.causal != "ignored":
+            shift = {"bottom_right": offset, "top_left": 0, "off_by_one": offset + 1}[conv.causal]
+            allowed[row] &= np.tri(tq, tk, k=shift, dtype=bool)
+        window = spec.get("window")
+        if window is not None and conv.window != "ignored":
+            shift = offset if conv.window == "bottom_right" else 0
+            left, right = window
+            if left >= 0:
+                allowed[row] &= ~np.tri(tq, tk, k=shift - left - 1, dtype=bool)
+            if right >= 0:
+                allowed[row] &= np.tri(tq, tk, k=shift + right, dtype=bool)
     return allowed
 
 
@@ -98,7 +116,15 @@ def attention(
     default = {"rsqrt_d": hd**-0.5, "inv_d": 1.0 / hd, "one": 1.0}[conv.scale]
     scale = spec["scale"] if spec["scale"] is not None else default
     scores = q @ k.transpose(0, 1, 3, 2) * scale
-    allowed = _allowed(spec, case.get("mask"), conv)
+    bias = f64.get("attn_bias")
+    allowed = _allowed(spec, case.get("mask"), bias, conv)
+    cap = spec.get("softcap")
+    if cap is not None and conv.softcap == "before_bias":
+        scores = cap * np.tanh(scores / cap)
+    if bias is not None:
+        scores = scores + np.where(np.isfinite(bias), bias, 0.0)
+    if cap is not None and conv.softcap == "after_bias":
+        scores = cap * np.tanh(scores / cap)
     weights = _softmax(scores, allowed, conv)
     if conv.dropout and spec["dropout"] > 0:
         rng = rng if rng is not None else np.random.default_rng()

@@ -38,6 +38,7 @@ class Correct(Adapter):
     name = "mutant-correct-twin"
     path = "float64 NumPy MHA (impls.conventions) under the reference conventions, rounded once to the dtype"
     dtypes = ALL_DTYPES
+    variants = frozenset({"attn_bias", "softcap", "window", "kv_lengths"})
     convention: ClassVar[Convention] = REFERENCE
     #: The bug in one line, for the mutation table.
     bug: ClassVar[str] = "none (the correct twin)"
