@@ -31,6 +31,9 @@ REFERENCE_ROW = {
     "dropout_in_eval": "none",
     "nan_masked_keys": "contained",
     "dropout_training": "ok",
+    "softcap_order": "cap, then bias",
+    "window_alignment": "bottom-right",
+    "zero_length": "zeros",
 }
 
 
@@ -43,6 +46,7 @@ def convention_adapter(conv: Convention, name: str) -> FunctionAdapter:
     def fn(case, spec, dtype, device):
         return {"output": attention(case, spec, conv)["output"].astype(dtype)}
 
+    fn.variants = ("attn_bias", "softcap", "window", "kv_lengths")
     return FunctionAdapter(fn, name)
 
 
@@ -78,6 +82,18 @@ def test_other_conventions_are_named():
     got = verdicts(convention_adapter(Convention(empty_rows="unmasked", mask="ignored"), "ignores-masks"))
     assert got["mask_polarity"] == "mask ignored"
     assert got["dropout_training"] == "n/a"  # a function adapter has no training mode
+
+
+def test_the_variant_conventions_are_named():
+    got = verdicts(
+        convention_adapter(
+            Convention(softcap="after_bias", window="top_left", empty_rows="uniform"), "variants-other-way"
+        )
+    )
+    assert got["softcap_order"] == "bias, then cap" and got["window_alignment"] == "top-left"
+    assert got["zero_length"] == "uniform"
+    got = verdicts(convention_adapter(Convention(softcap="ignored", window="ignored"), "variants-ignored"))
+    assert got["softcap_order"] == "cap ignored" and got["window_alignment"] == "ignored"
 
 
 def test_binomial_bounds_and_the_dropout_verdict():
