@@ -23,7 +23,9 @@ from mha_conformance import __main__ as suite
 #: Per backend: its adapters, and the settings (environment variables) to compare.
 SETTINGS: dict[str, dict] = {
     "torch": {
-        "adapters": ["torch-*"],
+        # Every torch path but eager FlexAttention, which decomposes into the same aten ops the
+        # others already vary and costs 4 x 4 minutes here; issue 17 (speed) is to bring it back.
+        "adapters": ["torch-mha*", "torch-sdpa", "torch-scratch", "torch-wrapper"],
         "env": {
             "2 threads": {"OMP_NUM_THREADS": "2"},
             "1 thread": {"OMP_NUM_THREADS": "1"},
