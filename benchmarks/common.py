@@ -28,7 +28,7 @@ import numpy as np
 
 from mha_conformance.checks.skeleton import output_problems
 from mha_conformance.impls import error_model, reference, registry
-from mha_conformance.impls.adapter import refusal
+from mha_conformance.impls.adapter import refusal, rule_mask
 from mha_conformance.impls.bench import Bench, bench_threads
 from mha_conformance.tolerance import DEFAULT_K, judge
 from mha_conformance.vectors.catalogue import spec as catalogue_spec
@@ -44,7 +44,31 @@ RUN_CACHE_ENV = "MHA_BENCH_RUN_CACHE"
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt": {"d_in": 512, "num_heads": 8, "head_dim": 64, "qkv_bias": False},
     "transformer": {"d_in": 512, "num_heads": 8, "head_dim": 64, "qkv_bias": True},
+    # The variants (contract v2), scaled to the same width: Gemma 2's attention (logit softcap 50,
+    # a sliding window of half its context, grouped-query heads: 8 query heads over 4 key/value
+    # heads) and ALiBi's linear distance bias (BLOOM, MPT), both decoders.
+    "gemma2": {
+        "d_in": 512,
+        "num_heads": 8,
+        "num_kv_heads": 4,
+        "head_dim": 64,
+        "qkv_bias": False,
+        "softcap": 50.0,
+    },
+    "alibi": {"d_in": 512, "num_heads": 8, "head_dim": 64, "qkv_bias": False},
 }
+
+
+def preset_variants(preset: str, n: int, heads: int) -> dict[str, Any]:
+    """The variant fields of a preset at sequence length ``n``: Gemma 2's window of 4096 keys in
+    an 8192 context becomes ``n // 2`` keys to the left; ALiBi's bias is [1, H, n, n]."""
+    if preset == "gemma2":
+        return {"window": [n // 2, -1]}
+    if preset == "alibi":
+        return {"attn_bias": {"kind": "alibi", "shape": [1, heads, n, n], "grad": False}}
+    return {}
+
+
 SEQ_LENS = (128, 512, 2048)
 #: Tokens per call: batch = max(1, TOKENS // seq_len) (8 x 128, 2 x 512, 1 x 2048).
 TOKENS = 1024
@@ -62,7 +86,7 @@ NUMPY_DTYPES = {
 #: The gate compares this many query rows (the first and last halves) against the reference.
 GATE_ROWS = 32
 #: On CPU, the causality each preset runs with (``plan_skip``).
-CPU_CAUSALITY = {"gpt": True, "transformer": False}
+CPU_CAUSALITY = {"gpt": True, "transformer": False, "gemma2": True, "alibi": True}
 #: Matrix size for the measured peak: large enough to reach the device's steady GEMM rate.
 PEAK_N = {"cpu": 2048, "cuda": 8192, "mps": 4096}
 
@@ -92,6 +116,7 @@ def config_spec(shape: str, causal: bool) -> dict[str, Any]:
         causal=causal,
         dtypes=("float32", "bfloat16"),  # inputs exact in both (float16's range is wider)
         **PRESETS[preset],
+        **preset_variants(preset, n, PRESETS[preset]["num_heads"]),
     )
 
 
@@ -143,17 +168,26 @@ def gate(bench: Bench, inputs: dict[str, np.ndarray], spec: dict[str, Any], dtyp
     The tolerance is the suite's rule (``conformance/tolerance.py``) with the baseline of
     the ensemble of valid algorithms emulated in the benchmark's dtype. To stay cheap at long
     sequences only the first and last ``GATE_ROWS // 2`` queries of batch row 0 are
-    recomputed: the causal rule becomes an explicit mask for those rows, so every key they
-    may see is still checked. Returns the error ratio; raises :class:`WrongResult`.
+    recomputed: the causal rule, the window and the key lengths become an explicit mask for
+    those rows and the bias keeps their rows, so every key they may see is still checked.
+    Returns the error ratio; raises :class:`WrongResult`.
     """
-    tq, tk = spec["q_len"], spec["kv_len"]
+    tq = spec["q_len"]
     rows = np.unique(np.r_[np.arange(min(GATE_ROWS // 2, tq)), np.arange(max(tq - GATE_ROWS // 2, 0), tq)])
-    sub = {**spec, "batch": 1, "q_len": len(rows), "causal": False, "self_attention": False}
-    tensors = {k: np.asarray(v, np.float64) for k, v in inputs.items() if k != "grad_output"}
+    sub = {
+        **spec,
+        **{"batch": 1, "q_len": len(rows), "causal": False, "self_attention": False},
+        **{"window": None, "kv_lengths": None},
+    }
+    allowed = rule_mask(spec, inputs.get("mask"))
+    tensors = {k: np.asarray(v, np.float64) for k, v in inputs.items() if k not in ("grad_output", "mask")}
     tensors["query"] = tensors["query"][:1, rows]
     tensors["key"], tensors["value"] = tensors["key"][:1], tensors["value"][:1]
-    if spec["causal"]:
-        tensors["mask"] = (np.arange(tk)[None, :] <= rows[:, None] + (tk - tq))[None, None]
+    if allowed is not None:
+        tensors["mask"] = allowed[:1, :, rows] if allowed.shape[2] > 1 else allowed[:1]
+    if "attn_bias" in tensors:
+        tensors["attn_bias"] = tensors["attn_bias"][:1, :, rows]
+        sub["attn_bias"] = {**spec["attn_bias"], "shape": list(tensors["attn_bias"].shape)}
     truth = reference.forward(tensors, sub)
     baseline = ensemble_errors(tensors, sub, dtype, {"output": truth.output})[0]["output"]
     actual = bench.to_numpy(bench.forward())

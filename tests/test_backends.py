@@ -59,3 +59,34 @@ def test_jax_sdpa_float64_divergence_reports_the_error_it_reaches():
         check_golden(adapter, "self_basic_b2_t8_d16_h4", "float64", "cpu", record=record)
     (verdict,) = record.verdicts
     assert 1e-9 < verdict.max_rel_err < 1e-5
+
+
+def test_flex_compiled_second_run_compiles_nothing(tmp_path):
+    """``torch-flex-compiled`` keeps inductor's compiled kernels in ``MHA_CACHE_DIR``: a first run
+    compiles (each result's meta says ``inductor: compiled``), a second process on the same cache
+    compiles nothing (``cache hit``), with the same verdicts."""
+    import json
+    import os
+
+    pytest.importorskip("torch")
+    from tests.runs import run_suite
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["MHA_CACHE_DIR"] = str(tmp_path / "cache")
+    cases = ["variant_gemma2_softcap50_window3_gqa_h4_kv2", "variant_bias_alibi_self_causal_h4"]
+    runs = []
+    for n in (1, 2):
+        report = tmp_path / f"run{n}.json"
+        args = ["--adapter", "torch-flex-compiled", "--dtype", "float32", "--report", str(report)]
+        for case in cases:
+            args += ["--case", case]
+        done = run_suite(*args, env=env)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        tests = json.loads(report.read_text())["tests"]
+        runs.append({t["nodeid"]: (t["outcome"], (t.get("meta") or {}).get("inductor")) for t in tests})
+    first, second = runs
+    assert [o for o, _ in first.values()] == ["passed"] * len(cases)
+    assert {how for _, how in first.values()} == {"compiled"}
+    assert {how for _, how in second.values()} == {"cache hit"}  # nothing compiled the second time
+    assert [o for o, _ in second.values()] == [o for o, _ in first.values()]
+    assert (tmp_path / "cache" / "torchinductor").is_dir()

@@ -73,6 +73,33 @@ def test_gate_passes_right_and_stops_wrong_kernels(shape, causal):
         common.gate(numpy_bench(spec, inputs, scale_bug=True), inputs, spec, "float32", "numpy")
 
 
+@pytest.mark.parametrize(
+    "shape,wrong",
+    [
+        ("gemma2-t128", {"softcap": None}),  # the softcap left out
+        ("gemma2-t128", {"window": None}),  # the window left out
+        ("gemma2-t128", {"window": [63, -1]}),  # the window one key short
+        ("alibi-t128", {"attn_bias": None}),  # the bias left out
+    ],
+)
+def test_gate_checks_the_variant_presets(shape, wrong):
+    """The Gemma-2-like and ALiBi presets: the reference passes the gate, and each variant left
+    out (or off by one key) is stopped before any timing."""
+    spec = common.config_spec(shape, True)
+    inputs = build_inputs(spec)
+    assert spec["q_len"] == 128 and (spec.get("softcap"), spec.get("window")) in (
+        (50.0, [64, -1]),
+        (None, None),
+    )
+    assert common.gate(numpy_bench(spec, inputs), inputs, spec, "float32", "numpy") <= 2
+    bad = {**spec, **wrong}
+    given = {k: v for k, v in inputs.items() if not (k == "attn_bias" and bad.get("attn_bias") is None)}
+    out = reference.forward(given, bad, reference.PRECISIONS["float32"]).output.astype(np.float32)
+    bench = Bench(forward=lambda: out, sync=lambda: None, to_numpy=lambda o: o)
+    with pytest.raises(common.WrongResult, match="no timing is posted"):
+        common.gate(bench, inputs, spec, "float32", "wrong")
+
+
 def test_gate_catches_a_causal_mask_off_by_one():
     spec = common.config_spec("gpt-t128", True)
     inputs = build_inputs(spec)
@@ -84,7 +111,14 @@ def test_gate_catches_a_causal_mask_off_by_one():
         common.gate(bench, inputs, spec, "float32", "leaky")
 
 
-TORCH_ADAPTERS = ["torch-mha", "torch-mha-noweights", "torch-mha-fastpath", "torch-sdpa", "torch-scratch"]
+TORCH_ADAPTERS = [
+    "torch-mha",
+    "torch-mha-noweights",
+    "torch-mha-fastpath",
+    "torch-sdpa",
+    "torch-scratch",
+    "torch-flex",
+]
 
 
 @pytest.mark.parametrize("name", TORCH_ADAPTERS)
@@ -101,12 +135,28 @@ def test_torch_timed_bodies_match_the_conformance_path(name):
     expected = adapter.prepare(inputs, spec, "float32", "cpu")(runtime)["output"]
     np.testing.assert_array_equal(bench.to_numpy(bench.forward()), expected)
     assert bench.meta["threads"] == str(int(os.environ.get("MHA_BENCH_THREADS") or os.cpu_count()))
-    if name == "torch-mha-fastpath":
+    if name in ("torch-mha-fastpath", "torch-flex"):  # inference mode; FlexAttention has no CPU backward
         assert bench.make_backward is None
     else:
         bench.make_backward()()  # one backward pass runs
     product = bench.matmul(8)()
     assert tuple(product.shape) == (8, 8)
+
+
+@pytest.mark.parametrize("name", ["torch-mha", "torch-sdpa", "torch-flex"])
+def test_torch_timed_bodies_run_the_variants(name):
+    """With an ALiBi bias and a window (and a softcap where the adapter has one) the timed body
+    computes what the conformance path computes, and passes the gate."""
+    pytest.importorskip("torch")
+    adapter = registry.builtin(name)
+    spec = {**common.config_spec("alibi-t128", True), "window": [40, -1]}
+    spec["softcap"] = 30.0 if "softcap" in adapter.variants else None
+    inputs = {k: v for k, v in build_inputs(spec).items() if k != "grad_output"}
+    bench = adapter.bench(inputs, spec, "float32", "cpu")
+    runtime = {k: inputs[k] for k in ("query", "key", "value", "attn_bias")}
+    expected = adapter.prepare(inputs, spec, "float32", "cpu")(runtime)["output"]
+    np.testing.assert_array_equal(bench.to_numpy(bench.forward()), expected)
+    assert common.gate(bench, inputs, spec, "float32", name) <= 2
 
 
 def test_run_cache(tmp_path, monkeypatch):
@@ -141,12 +191,16 @@ def test_plan_selects_what_can_run():
     pytest.importorskip("torch")
     plan = runner.plan("cpu", ["torch-*"])
     assert plan["machine"].endswith("-cpu") and plan["threads"] >= 1
-    assert len(plan["bench"]) == 5 * 3 * 2  # 5 adapters x 3 lengths x 2 presets (float32 on CPU)
+    # float32 on CPU, 3 lengths per preset: FlexAttention eager and compiled run all 4 presets; the
+    # three nn.MultiheadAttention paths and SDPA run GPT, the Transformer and ALiBi (no softcap);
+    # the seed's from-scratch module GPT and the Transformer (no bias, no window)
+    assert len(plan["bench"]) == 3 * (2 * 4 + 4 * 3 + 2)
     assert not any("torch-wrapper" in r for r in plan["bench"])  # supports no preset: never spawned
     assert any("MultiHeadAttentionWrapper" in why for why in plan["skipped"])
     name = "bench_attention.Gradients.time_backward('torch-sdpa', 'gpt-t2048', 'float32', True)"
     assert any(__import__("re").search(r, name) for r in plan["bench"])
-    assert len(runner.plan("cpu", ["torch-sdpa"], ["float32", "bfloat16"])["bench"]) == 12
+    sdpa = runner.plan("cpu", ["torch-sdpa"], ["float32", "bfloat16"])["bench"]
+    assert len(sdpa) == 2 * 3 * 3  # 2 dtypes x 3 lengths x (gpt, transformer, alibi)
 
 
 @pytest.mark.skipif(

@@ -140,7 +140,13 @@ def test_second_run_exports_nothing(tmp_path):
 
 # --- the timed path (Adapter.bench, impls/onnx/timed.py) ---------------------------------
 
-ONNX_ADAPTERS = ["onnx-export", "onnx-export-attention", "onnx-attention", "onnx-contrib-mha"]
+ONNX_ADAPTERS = [
+    "onnx-export",
+    "onnx-export-attention",
+    "onnx-attention",
+    "onnx-contrib-mha",
+    "onnx-contrib-gqa",
+]
 
 
 @pytest.mark.parametrize("name", ONNX_ADAPTERS)
@@ -230,11 +236,33 @@ def test_decoder_streams_grow_their_cache_from_empty(adapter):
     assert not verdict(decode_tokens(forgetful, runtime)["output"]).passed
 
 
+@pytest.mark.parametrize("name", ["onnx-attention", "onnx-contrib-mha", "onnx-contrib-gqa"])
+def test_onnx_timed_bodies_run_the_variants(name):
+    """With a bias and a window (and a softcap where the op has one) the timed body still feeds
+    what the conformance path feeds (the folded mask included), and both pass the gate."""
+    from benchmarks import common
+    from mha_conformance.impls import registry
+
+    spec = common.config_spec("alibi-t128", causal=True)
+    adapter = registry.builtin(name)
+    spec = {**spec, "window": [40, -1], "softcap": 30.0 if "softcap" in adapter.variants else None}
+    inputs = {k: v for k, v in common.build_inputs(spec).items() if k != "grad_output"}
+    bench = adapter.bench(inputs, spec, "float32", "cpu")
+    runtime = {k: inputs[k] for k in ("query", "key", "value", "attn_bias")}
+    expected = adapter.prepare(inputs, spec, "float32", "cpu")(runtime)["output"]
+    np.testing.assert_array_equal(bench.to_numpy(bench.forward()), expected)
+    assert common.gate(bench, inputs, spec, "float32", name) <= 2
+
+
 def test_benchmark_plan_times_every_onnx_adapter():
     """The runner plans every onnxruntime adapter's CPU configurations; onnx.reference, a NumPy
-    reference implementation, is the one left untimed."""
+    reference implementation, is the one left untimed; the variant presets go to the adapters that
+    express them."""
     from benchmarks import runner
 
     plan = runner.plan("cpu", ["onnx-*"])
     assert plan["untimed"] == ["onnx-reference"] and set(plan["adapters"]) == set(ONNX_ADAPTERS)
-    assert len(plan["bench"]) == 4 * 3 * 2  # 4 adapters x 3 lengths x 2 presets (float32 on CPU)
+    # float32 on CPU, 3 lengths per preset: the GPT decoder by all 5; the Transformer encoder by all
+    # but GroupQueryAttention (causal only); ALiBi by the 3 taking a bias; Gemma 2's softcap by the
+    # 2 taking one (onnx-attention, onnx-contrib-gqa)
+    assert len(plan["bench"]) == 3 * (5 + 4 + 3 + 2)

@@ -246,6 +246,7 @@ class JaxSDPA(JaxAdapter):
         params = self.params(case, dtype, device)
         q, k, v = timed.device_inputs(self, case, spec, dtype, device)
         mask = self.mask(spec, structure, case.get("mask"), device)
+        bias, lengths = self.extras(spec, case, dtype, device)
         forward = j.jit(partial(attention, structure=structure))
         pullback = j.jit(partial(attention_vjp, structure=structure))
         meta.update(
@@ -257,7 +258,7 @@ class JaxSDPA(JaxAdapter):
             self,
             dtype,
             device,
-            forward=lambda: forward(params, q, k, v, mask, None, None),
-            pullback=lambda: pullback(params, q, k, v, mask, None, None),
+            forward=lambda: forward(params, q, k, v, mask, bias, lengths),
+            pullback=lambda: pullback(params, q, k, v, mask, bias, lengths),
             meta=meta,
         )

@@ -242,12 +242,15 @@ class OnnxAttention(OnnxRuntimeAdapter):
         session = Session(model, device, self.kernel, f"{self.name}: case {spec['id']} in {dtype}")
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-            feeds = {**inputs, **runtime_mask(spec, inputs)}
+            feeds = {**inputs, **self.runtime_feeds(spec, inputs)}
             out, weights = session.run({n: to_io(feeds[n], dtype) for n in names})
             meta = {**session.meta, "opset": str(OPSET), "onnxruntime": ort_version()}
             return {"output": from_io(out, dtype), "attn_weights": from_io(weights, dtype), "meta": meta}
 
         return run
+
+    def runtime_feeds(self, spec, inputs):
+        return runtime_mask(spec, inputs)
 
     def timed_model(self, case, spec, dtype):
         model, names = attention_model(case, spec, dtype, weights=False)

@@ -87,6 +87,13 @@ class OnnxRuntimeAdapter(Adapter):
         reads (attention weights), so the timing is the forward pass alone."""
         raise NotImplementedError(f"{self.name} has no timed model (OnnxRuntimeAdapter.timed_model)")
 
+    def runtime_feeds(
+        self, spec: Mapping[str, Any], inputs: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Inputs the model takes beyond the case's own, derived from them per call (a mask with
+        the rules folded in); the conformance path and the timed path both feed them."""
+        return {}
+
     def bench(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Bench:
         """The timed path (``impls/onnx/timed.py``): :meth:`timed_model` in one session with
         fixed threads, inputs prepared once; onnxruntime runs inference only (no backward)."""
@@ -148,12 +155,21 @@ class Graph:
     def ints(self, stem: str, values: Sequence[int]) -> str:
         return self.const(stem, np.asarray(values, np.int64))
 
-    def input(self, name: str, array: np.ndarray, shape: Sequence[int | str] | None = None) -> str:
+    def input(
+        self,
+        name: str,
+        array: np.ndarray,
+        shape: Sequence[int | str] | None = None,
+        elem_type: int | None = None,
+    ) -> str:
         """A graph input shaped like ``array`` (or ``shape``, where a string names a dimension
-        that varies between runs, e.g. a KV cache's length); float inputs in the session's I/O
+        that varies between runs, e.g. a KV cache's length); ``elem_type`` for an integer input; float inputs in the session's I/O
         dtype, cast to bfloat16 inside when the graph runs in bfloat16."""
         helper = onnx().helper
         dims = list(array.shape if shape is None else shape)
+        if elem_type is not None:  # an integer input (lengths), as given
+            self.inputs.append(helper.make_tensor_value_info(name, elem_type, dims))
+            return name
         if array.dtype == np.bool_:
             self.inputs.append(helper.make_tensor_value_info(name, onnx().TensorProto.BOOL, dims))
             return name
@@ -204,18 +220,25 @@ def kernel_probe(kernel: tuple[str, str] | None, dtype: str, device: str) -> str
     one-node graph (for None: MatMul then Softmax); None when it runs there."""
     op, domain = kernel or ("Softmax", "")
     g = Graph(dtype)
-    x = np.zeros((1, 2, 4), np.float32)
+    int32 = onnx().TensorProto.INT32
+    x = np.zeros((1, 2, 16 if op == "GroupQueryAttention" else 4), np.float32)  # GQA: head_size 8
     q, k, v = (g.input(n, x) for n in ("q", "k", "v"))
     if op == "Attention":
         (y,) = g.node("Attention", [q, k, v], q_num_heads=2, kv_num_heads=2)
         opsets = {"": 24}
+    elif op == "GroupQueryAttention":
+        lengths = [g.const("seqlens_k", np.array([1]), int32), g.const("total", np.array(2), int32)]
+        (y, _, _) = g.node(
+            op, [q, k, v, "", "", *lengths], n_out=3, domain=MS_DOMAIN, num_heads=2, kv_num_heads=2
+        )
+        opsets = {"": DEFAULT_OPSET, MS_DOMAIN: 1}
     elif op == "MultiHeadAttention":
         (y,) = g.node(op, [q, k, v], domain=MS_DOMAIN, num_heads=2)
         opsets = {"": DEFAULT_OPSET, MS_DOMAIN: 1}
     else:  # a decomposed attention's core: MatMul (Q K^T), Softmax
         (y,) = g.node("Softmax", g.node("MatMul", [q, g.node("Transpose", [k], perm=[0, 2, 1])[0]]))
         opsets = {"": DEFAULT_OPSET}
-    g.output(y, "y", [1, 2, 2] if kernel is None else [1, 2, 4])
+    g.output(y, "y", [1, 2, 2] if kernel is None else list(x.shape))
     try:
         model = g.model(opsets)
     except Exception as exc:  # the op's schema rejects the dtype: onnx.checker's ValidationError

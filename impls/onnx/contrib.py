@@ -191,12 +191,15 @@ class OnnxContribMHA(OnnxRuntimeAdapter):
         session = Session(model, device, self.kernel, f"{self.name}: case {spec['id']} in {dtype}")
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-            feeds = {**inputs, **folded_masks(spec, inputs)}
+            feeds = {**inputs, **self.runtime_feeds(spec, inputs)}
             (out,) = session.run({n: to_io(feeds[n], dtype) for n in names}, ["output"])
             meta = {**session.meta, "onnxruntime": ort_version()}
             return {"output": from_io(out, dtype), "meta": meta}
 
         return run
+
+    def runtime_feeds(self, spec, inputs):
+        return folded_masks(spec, inputs)
 
     def timed_model(self, case, spec, dtype):
         model, names = contrib_model(case, spec, dtype)

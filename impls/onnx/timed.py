@@ -54,12 +54,26 @@ def bench(adapter, case: Mapping[str, np.ndarray], spec: Mapping[str, Any], dtyp
     reason = refusal(adapter, spec, dtype, device)
     if reason:
         raise NotImplementedError(reason)
-    threads = bench_threads()
     model, names, about = adapter.timed_model(case, spec, dtype)
+    source = {**case, **adapter.runtime_feeds(spec, case)}
+    feeds = {n: to_io(source[n], dtype) for n in names}
+    return bench_session(adapter, model, feeds, about, spec, dtype, device)
+
+
+def bench_session(
+    adapter,
+    model: Any,
+    feeds: Mapping[str, np.ndarray],
+    about: Mapping[str, str],
+    spec,
+    dtype: str,
+    device: str,
+) -> Bench:
+    """:func:`bench` for a model and its runtime feeds (in the session's I/O dtype) already made."""
+    threads = bench_threads()
     session = Session(
         model, device, adapter.kernel, f"{adapter.name}: benchmark {spec['id']} in {dtype}", threads=threads
     )
-    feeds = {n: to_io(case[n], dtype) for n in names}
     session.run(feeds, ["output"])  # profiled once: proves where the attention kernel ran
     shape = (spec["batch"], spec["q_len"], spec["d_out"])
     forward, sync, to_numpy = timed_run(session.session, feeds, "output", shape, dtype, device)

@@ -1,4 +1,5 @@
-"""``torch-flex``: explicit projections plus ``torch.nn.attention.flex_attention``, eager.
+"""``torch-flex`` and ``torch-flex-compiled``: explicit projections plus
+``torch.nn.attention.flex_attention``, eager and under ``torch.compile``.
 
 FlexAttention states attention as two functions: a ``score_mod(score, b, h, q_idx, kv_idx)``
 applied to each scaled score, and a ``mask_mod(b, h, q_idx, kv_idx)`` compiled into a
@@ -12,20 +13,59 @@ applied to each scaled score, and a ``mask_mod(b, h, q_idx, kv_idx)`` compiled i
 Grouped-query attention is ``enable_gqa``. Eager FlexAttention runs on the CPU unfused (about
 2 s for a first call); its backward is not implemented on the CPU (torch 2.13 raises
 "FlexAttention does not support backward on CPU"), so gradients are a skip there with that
-reason, and run on cuda. Decoding goes through a block mask over the cache: each step's lone
-query attends the cached keys under the same ``mask_mod`` and ``score_mod``, at its position.
+reason, and run on cuda. Decoding goes through a block mask over a cache of the case's full
+length: each step's lone query attends the keys fed so far (a ``mask_mod`` term), at its
+position, so every step has the same shapes.
+
+``torch-flex-compiled`` runs ``torch.compile(flex_attention, fullgraph=True, dynamic=False)``:
+inductor's fused FlexAttention kernel (a C++ template on the CPU, Triton on cuda), a different
+implementation from the eager one. One compiled function serves the process; dynamo keeps one
+graph per structure (shapes, dtype, which mods, the case's constants) and the mods read every
+per-call value (the decoding step, key lengths, mask, bias) from tensors, so a new step or
+input never recompiles. Compiled code goes to the inductor cache (``MHA_CACHE_DIR``,
+:func:`inductor_cache`), so a second run compiles nothing; each result's meta says whether
+its call compiled, hit the cache or reused the process's graph. Shapes are static: torch 2.13's
+dynamic-shape CPU template fails to build for head widths of 16 and more (a C++ compile error,
+``cur_qSplitSize4`` undeclared; docs/findings.md), and the inductor CPU template takes float32,
+float16 and bfloat16 only, so float64 is a skip on the CPU with that reason.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mha_conformance.impls.adapter import Adapter, Arrays, Prepared, Spec
+from mha_conformance.impls.adapter import Arrays, Prepared, Spec
 from mha_conformance.impls.torch.common import TorchAdapter, input_leaves, merge_and_project, project_heads
 from mha_conformance.impls.torch.convert import import_torch, to_numpy, to_torch
+from mha_conformance.impls.torch.timed import Built, bench_inputs
+
+#: Where compiled code is kept between runs: ``$MHA_CACHE_DIR``, else ``~/.cache/mha-conformance``.
+CACHE_ENV = "MHA_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """The suite's persistent cache folder (compiled kernels; safe to delete)."""
+    raw = os.environ.get(CACHE_ENV)
+    if raw:
+        return Path(raw)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mha-conformance"
+
+
+def inductor_cache() -> Path:
+    """Point inductor's caches at ``<cache_root>/torchinductor`` (before the first compile) and
+    return it. The suite's ``MHA_CACHE_DIR`` decides: torch writes its own default
+    (``/tmp/torchinductor_<user>``) into ``TORCHINDUCTOR_CACHE_DIR`` the first time anything asks,
+    so that variable cannot tell a user's choice from torch's."""
+    folder = cache_root() / "torchinductor"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
 
 
 def _index(tensor, b, h, q_idx, kv_idx):
@@ -34,45 +74,69 @@ def _index(tensor, b, h, q_idx, kv_idx):
     return tensor[b if tensor.shape[0] > 1 else zero, h if tensor.shape[1] > 1 else zero, q_idx, kv_idx]
 
 
-def mods(spec: Mapping[str, Any], mask, bias, device: str, q_offset: int = 0, q_len: int | None = None):
-    """``(score_mod, block_mask)`` for one call: ``q_offset`` is the first query's row in the case
-    (a decoding step's), ``q_len`` the number of queries in the call (default: the case's)."""
-    t = import_torch()
-    from torch.nn.attention.flex_attention import create_block_mask
+class Mods:
+    """The ``score_mod`` and ``BlockMask`` of a case, for calls starting at query row ``row``
+    (a tensor: a decoding step's index, 0 for a whole call) with ``q_len`` queries; a
+    decoding call also hides the cache beyond its own row. Block masks are kept per mask
+    content, bias ``-inf`` pattern and call, so repeated calls build each once."""
 
-    b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
-    q_len = tq if q_len is None else q_len
-    cap = spec.get("softcap")
-    lengths = spec.get("kv_lengths")
-    ends = t.tensor(lengths if lengths is not None else [tk] * b, device=device)
-    left, right = spec.get("window") or (-1, -1)
+    def __init__(self, spec: Mapping[str, Any], device: str):
+        t = import_torch()
+        self.spec, self.device = spec, device
+        lengths = spec.get("kv_lengths")
+        self.ends = t.tensor(
+            lengths if lengths is not None else [spec["kv_len"]] * spec["batch"], device=device
+        )
+        self.block_masks: dict[tuple, Any] = {}
 
-    def score_mod(score, bb, hh, q_idx, kv_idx):
-        if cap is not None:
-            score = cap * t.tanh(score / cap)
-        if bias is not None:
-            score = score + _index(bias, bb, hh, q_idx + q_offset, kv_idx)
-        return score
+    def __call__(self, mask, bias, row=None, q_len: int | None = None):
+        """``(score_mod or None, block_mask)``; ``row`` None for a whole call."""
+        t = import_torch()
+        from torch.nn.attention.flex_attention import create_block_mask
 
-    def mask_mod(bb, hh, q_idx, kv_idx):
-        row = q_idx + q_offset
-        position = row + ends[bb] - tq  # the query's position among its row's keys
-        ok = kv_idx < ends[bb]
-        if spec["causal"]:
-            ok = ok & (kv_idx <= position)
-        if left >= 0:
-            ok = ok & (kv_idx >= position - left)
-        if right >= 0:
-            ok = ok & (kv_idx <= position + right)
-        if mask is not None:
-            ok = ok & _index(mask, bb, hh, row if mask.shape[2] > 1 else row * 0, kv_idx)
-        if bias is not None:
-            ok = ok & (_index(bias, bb, hh, row, kv_idx) != float("-inf"))
-        return ok
+        spec, ends = self.spec, self.ends
+        tq, tk, cap = spec["q_len"], spec["kv_len"], spec.get("softcap")
+        decoding = row is not None
+        first = row if decoding else t.zeros((), dtype=t.int64, device=self.device)
+        left, right = spec.get("window") or (-1, -1)
 
-    kv_len = tk if q_len == tq else q_offset + q_len  # a decoding step sees the cache so far
-    block_mask = create_block_mask(mask_mod, b, spec["num_heads"], q_len, kv_len, device=device)
-    return (score_mod if cap is not None or bias is not None else None), block_mask
+        def score_mod(score, bb, hh, q_idx, kv_idx):
+            if cap is not None:
+                score = cap * t.tanh(score / cap)
+            if bias is not None:
+                score = score + _index(bias, bb, hh, q_idx + first, kv_idx)
+            return score
+
+        def mask_mod(bb, hh, q_idx, kv_idx):
+            at = q_idx + first  # the query's row in the case
+            position = at + ends[bb] - tq  # its position among its row's keys
+            ok = kv_idx < ends[bb]
+            if decoding:
+                ok = ok & (kv_idx <= first)  # the cache holds tokens 0..row
+            if spec["causal"]:
+                ok = ok & (kv_idx <= position)
+            if left >= 0:
+                ok = ok & (kv_idx >= position - left)
+            if right >= 0:
+                ok = ok & (kv_idx <= position + right)
+            if mask is not None:
+                ok = ok & _index(mask, bb, hh, at if mask.shape[2] > 1 else at * 0, kv_idx)
+            if bias is not None:
+                ok = ok & (_index(bias, bb, hh, at, kv_idx) != float("-inf"))
+            return ok
+
+        q_len = tq if q_len is None else q_len
+        key = (  # what the block mask depends on: the mask, the bias's -inf entries, the call
+            None if mask is None else mask.cpu().numpy().tobytes(),
+            None if bias is None else t.isneginf(bias.detach()).cpu().numpy().tobytes(),
+            None if row is None else int(row),
+            q_len,
+        )
+        if key not in self.block_masks:
+            self.block_masks[key] = create_block_mask(
+                mask_mod, spec["batch"], spec["num_heads"], q_len, tk, device=self.device
+            )
+        return (score_mod if cap is not None or bias is not None else None), self.block_masks[key]
 
 
 class TorchFlex(TorchAdapter):
@@ -82,20 +146,42 @@ class TorchFlex(TorchAdapter):
         "BlockMask from mask_mod (causal, window, lengths, mask), enable_gqa"
     )
     variants = frozenset({"attn_bias", "softcap", "window", "kv_lengths"})
-    bench = Adapter.bench  # no timed path yet (the compiled FlexAttention is the one worth timing)
+    mode = "eager"
 
-    def attend(self, params, query, key, value, spec: Mapping[str, Any], mask, bias, device: str):
-        """Projections, FlexAttention and the output projection, on tensors."""
+    def flex(self):
+        """The FlexAttention callable this adapter runs."""
         from torch.nn.attention.flex_attention import flex_attention
 
-        h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
-        q = project_heads(params, query, "q", h, hd)
-        k, v = project_heads(params, key, "k", hkv, hd), project_heads(params, value, "v", hkv, hdv)
-        score_mod, block_mask = mods(spec, mask, bias, device)
-        ctx = flex_attention(
-            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=spec["scale"], enable_gqa=hkv != h
+        return flex_attention
+
+    def call_meta(self, before: Any) -> dict[str, str]:
+        """What a call ran, for the result's meta (``before``: :meth:`state` before the call)."""
+        return {"flex_attention": self.mode}
+
+    def state(self) -> Any:
+        return None
+
+    def attend(self, params, query, key, value, spec: Mapping[str, Any], mods, mask, bias, row=None):
+        """Projections, FlexAttention over ``key``/``value`` and the output projection, on tensors."""
+        h, hkv = spec["num_heads"], spec["num_kv_heads"]
+        q = project_heads(params, query, "q", h, spec["head_dim"])
+        score_mod, block_mask = mods(mask, bias, row, q.shape[2])
+        ctx = self.flex()(
+            q,
+            key,
+            value,
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=spec["scale"],
+            enable_gqa=hkv != h,
         )
         return merge_and_project(params, ctx, spec)
+
+    def forward(self, params, query, key, value, spec: Mapping[str, Any], mods, mask, bias):
+        """The whole call: key and value projections, then :meth:`attend`."""
+        hkv, hd, hdv = spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
+        k, v = project_heads(params, key, "k", hkv, hd), project_heads(params, value, "v", hkv, hdv)
+        return self.attend(params, query, k, v, spec, mods, mask, bias)
 
     @staticmethod
     def extras(inputs: Mapping[str, np.ndarray], dtype: str, device: str, grad: bool = False):
@@ -110,12 +196,14 @@ class TorchFlex(TorchAdapter):
     def prepare(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
         t = import_torch()
         params = {n: to_torch(a, dtype, device) for n, a in case.items() if n[:2] in ("w_", "b_")}
+        mods = Mods(spec, device)
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             q, k, v = (to_torch(inputs[n], dtype, device) for n in ("query", "key", "value"))
+            before = self.state()
             with t.no_grad():
-                out = self.attend(params, q, k, v, spec, *self.extras(inputs, dtype, device), device)
-            return {"output": to_numpy(out, dtype, device), "meta": {"flex_attention": "eager"}}
+                out = self.forward(params, q, k, v, spec, mods, *self.extras(inputs, dtype, device))
+            return {"output": to_numpy(out, dtype, device), "meta": self.call_meta(before)}
 
         return run
 
@@ -127,6 +215,7 @@ class TorchFlex(TorchAdapter):
                 "does not support backward on CPU'); gradients run on cuda"
             )
         names = [n for n in case if n[:2] in ("w_", "b_")]
+        mods = Mods(spec, device)
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
             leaves = {n: to_torch(case[n], dtype, device, requires_grad=True) for n in names}
@@ -134,8 +223,8 @@ class TorchFlex(TorchAdapter):
             mask, bias = self.extras(inputs, dtype, device, grad=True)
             if bias is not None:
                 leaves["attn_bias"] = bias
-            out = self.attend(
-                leaves, leaves["query"], leaves["key"], leaves["value"], spec, mask, bias, device
+            out = self.forward(
+                leaves, leaves["query"], leaves["key"], leaves["value"], spec, mods, mask, bias
             )
             out.backward(to_torch(inputs["grad_output"], dtype, device))
             return {f"grad_{n}": to_numpy(leaf.grad, dtype, device) for n, leaf in leaves.items()}
@@ -143,38 +232,117 @@ class TorchFlex(TorchAdapter):
         return run
 
     def prepare_decoder(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Callable[[], Prepared]:
-        """A cache of projected keys and values; each step's query attends it through a block mask
-        over the cache (its position the step's index), with the case's score_mod."""
-        from torch.nn.attention.flex_attention import flex_attention
-
+        """A cache of projected keys and values of the case's full length; each step writes its
+        row and its query attends rows 0..step through the block mask, with the case's
+        score_mod (every step has the same shapes)."""
         t = import_torch()
         params = {n: to_torch(a, dtype, device) for n, a in case.items() if n[:2] in ("w_", "b_")}
         mask, bias = self.extras(case, dtype, device)
-        h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
+        mods = Mods(spec, device)
+        b, tk = spec["batch"], spec["kv_len"]
+        hkv, hd, hdv = spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
 
         def new_stream() -> Prepared:
-            keys: list[Any] = []
-            values: list[Any] = []
+            keys = t.zeros(b, hkv, tk, hd, dtype=params["w_k"].dtype, device=device)
+            values = t.zeros(b, hkv, tk, hdv, dtype=params["w_v"].dtype, device=device)
+            fed = [0]
 
             def step(token: Mapping[str, np.ndarray]) -> dict[str, Any]:
+                row = fed[0]
+                before = self.state()
                 with t.no_grad():
                     x = {n: to_torch(token[n], dtype, device) for n in ("query", "key", "value")}
-                    keys.append(project_heads(params, x["key"], "k", hkv, hd))
-                    values.append(project_heads(params, x["value"], "v", hkv, hdv))
-                    row = len(keys) - 1
-                    score_mod, block_mask = mods(spec, mask, bias, device, q_offset=row, q_len=1)
-                    ctx = flex_attention(
-                        project_heads(params, x["query"], "q", h, hd),
-                        t.cat(keys, dim=2),
-                        t.cat(values, dim=2),
-                        score_mod=score_mod,
-                        block_mask=block_mask,
-                        scale=spec["scale"],
-                        enable_gqa=hkv != h,
-                    )
-                    out = merge_and_project(params, ctx, spec)
-                return {"output": to_numpy(out, dtype, device), "meta": {"cache_length": str(row + 1)}}
+                    keys[:, :, row : row + 1] = project_heads(params, x["key"], "k", hkv, hd)
+                    values[:, :, row : row + 1] = project_heads(params, x["value"], "v", hkv, hdv)
+                    at = t.tensor(row, device=device)
+                    out = self.attend(params, x["query"], keys, values, spec, mods, mask, bias, row=at)
+                fed[0] = row + 1
+                meta = {"cache_length": str(row + 1), **self.call_meta(before)}
+                return {"output": to_numpy(out, dtype, device), "meta": meta}
 
             return step
 
         return new_stream
+
+    def timed_body(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Built:
+        """The projections and FlexAttention on tensors put on the device once (block mask built
+        in setup), under ``no_grad``; gradients on devices with a FlexAttention backward."""
+        t = import_torch()
+        mods = Mods(spec, device)
+
+        def weights(grad: bool) -> dict[str, Any]:
+            return {
+                n: to_torch(a, dtype, device, requires_grad=grad)
+                for n, a in case.items()
+                if n[:2] in ("w_", "b_")
+            }
+
+        params, (q, k, v) = weights(False), bench_inputs(spec, case, dtype, device, grad=False)
+        mask, bias = self.extras(case, dtype, device)
+
+        def forward():
+            with t.no_grad():
+                return self.forward(params, q, k, v, spec, mods, mask, bias)
+
+        def graph():
+            leaves = bench_inputs(spec, case, dtype, device, grad=True)
+            return self.forward(weights(True), *leaves, spec, mods, mask, bias)
+
+        return forward, None if device == "cpu" else graph
+
+
+_COMPILED: list[Any] = []
+
+
+class TorchFlexCompiled(TorchFlex):
+    name = "torch-flex-compiled"
+    path = (
+        "x @ W + b projections, torch.compile(flex_attention, dynamic=False): inductor's fused kernel with the "
+        "same score_mod and BlockMask, inductor cache in MHA_CACHE_DIR"
+    )
+    mode = "compiled"
+
+    def supports(self, spec: Spec, dtype: str, device: str) -> str | None:
+        if device == "cpu" and dtype == "float64":
+            return (
+                f"inductor's CPU FlexAttention kernel takes float32, float16 and bfloat16 only (torch "
+                f"{import_torch().__version__}: '`torch.float` , `torch.float16` and `torch.bfloat16` are "
+                "supported in FlexAttention for CPU device'); float64 runs eager in torch-flex"
+            )
+        return super().supports(spec, dtype, device)
+
+    def flex(self):
+        """One ``torch.compile(flex_attention)`` per process, whole-graph (a graph break would
+        fall back to eager silently) and never past the recompile limit silently."""
+        if not _COMPILED:
+            t = import_torch()
+            from torch.nn.attention.flex_attention import flex_attention
+
+            inductor_cache()
+            config = t._dynamo.config
+            config.recompile_limit = config.accumulated_recompile_limit = 100_000
+            config.fail_on_recompile_limit_hit = True
+            _COMPILED.append(t.compile(flex_attention, fullgraph=True, dynamic=False))
+        return _COMPILED[0]
+
+    def state(self) -> Any:
+        from torch._dynamo.utils import counters
+
+        return dict(counters["inductor"])
+
+    def call_meta(self, before: Any) -> dict[str, str]:
+        """``inductor``: ``compiled`` (a cache miss), ``cache hit`` (a graph another run
+        compiled) or ``reused`` (this process's graph), from inductor's counters."""
+        after = self.state()
+
+        def grew(name: str) -> bool:
+            return after.get(name, 0) > before.get(name, 0)
+
+        how = (
+            "compiled"
+            if grew("fxgraph_cache_miss")
+            else "cache hit"
+            if grew("fxgraph_cache_hit")
+            else "reused"
+        )
+        return {"flex_attention": self.mode, "inductor": how}

@@ -214,7 +214,7 @@ class TorchMHA(TorchAdapter):
     def timed_body(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Built:
         """The module its ``prepare`` builds, run with autograd on (what keeps it on the path it names)."""
         module = self.build(case, spec, dtype, device, bias=spec["qkv_bias"] or spec["out_bias"])
-        attn_mask, key_padding_mask = self.masks(spec, case, device)
+        attn_mask, key_padding_mask = self.masks(spec, case, device, self.bias(case, dtype, device))
 
         def run(q, k, v):
             out, _ = module(
@@ -304,7 +304,7 @@ class TorchMHAFastPath(TorchMHA):
         """Under ``inference_mode``, as the fast path needs; refuses if PyTorch does not take it."""
         t = import_torch()
         module = self.build(case, spec, dtype, device, bias=True)  # the fast path needs in_proj_bias
-        attn_mask, key_padding_mask = self.masks(spec, case, device)
+        attn_mask, key_padding_mask = self.masks(spec, case, device, self.bias(case, dtype, device))
         q, k, v = bench_inputs(spec, case, dtype, device, grad=False)
 
         def forward():

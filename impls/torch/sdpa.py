@@ -149,13 +149,22 @@ class TorchSDPA(TorchAdapter):
                 if n[:2] in ("w_", "b_")
             }
 
-        def run(params, q, k, v):
-            return self.attend(params, q, k, v, masks, spec)
+        def run(params, q, k, v, bias):
+            return self.attend(params, q, k, v, masks, spec, bias=bias)
+
+        def bias(grad: bool):
+            return (
+                to_torch(case["attn_bias"], dtype, device, requires_grad=grad)
+                if "attn_bias" in case
+                else None
+            )
 
         params, (q, k, v) = weights(False), bench_inputs(spec, case, dtype, device, grad=False)
 
         def forward():
             with t.no_grad():  # as torch-sdpa's conformance path runs it
-                return run(params, q, k, v)
+                return run(params, q, k, v, bias(False))
 
-        return forward, lambda: run(weights(True), *bench_inputs(spec, case, dtype, device, grad=True))
+        return forward, lambda: run(
+            weights(True), *bench_inputs(spec, case, dtype, device, grad=True), bias(True)
+        )
