@@ -33,15 +33,19 @@ ADAPTERS = {
     "jax": ["keras-mha-jax", "keras-mha-scores-jax"],
     "torch": ["keras-mha-torch", "keras-mha-scores-torch"],
 }
+#: ``keras.ops.dot_product_attention`` per backend: forward only, checked by the ops tests below.
+OPS_ADAPTERS = {"tensorflow": "keras-ops-sdpa", "jax": "keras-ops-sdpa-jax", "torch": "keras-ops-sdpa-torch"}
 BACKEND_OF = {name: backend for backend, names in ADAPTERS.items() for name in names}
+BACKEND_OF.update({name: backend for backend, name in OPS_ADAPTERS.items()})
 EVERY_ADAPTER = [name for names in ADAPTERS.values() for name in names]
 #: The timed body runs what the conformance path runs, so it gives the same bits; except on
 #: JAX, where the timed body is jitted (XLA fuses the layer) and the conformance path runs op
 #: by op: there it is held to the suite's float32 rule (and a gap of at most that tolerance
 #: to the conformance path's output). Measured: 1.2e-7 at most on the spec below.
 BITWISE = {"tensorflow", "torch"}
-#: The per-adapter checks below (tests parametrized by adapter name).
+#: The per-adapter checks below (tests parametrized by adapter name), and per ops adapter.
 CHECKS = 3
+OPS_CHECKS = 2
 
 
 def running_backend() -> str:
@@ -95,7 +99,7 @@ def test_each_keras_backend(backend):
     report = child.stdout[-6000:] + child.stderr[-2000:]
     assert child.returncode == 0, f"KERAS_BACKEND={backend}: the checks failed:\n{report}"
     passed = re.search(r"(\d+) passed", report)
-    want = CHECKS * len(ADAPTERS[backend])  # every check below for each of the backend's adapters
+    want = CHECKS * len(ADAPTERS[backend]) + OPS_CHECKS  # every check below for the backend's adapters
     assert passed and int(passed.group(1)) == want, f"expected {want} passed under {backend}:\n{report}"
 
 
@@ -193,3 +197,34 @@ def test_the_benchmark_plan_times_the_adapter(name):
     plan = runner.plan("cpu", [name])
     assert plan["untimed"] == [] and plan["adapters"] == [name]
     assert len(plan["bench"]) == 3 * 2, plan["skipped"]  # 3 lengths x 2 presets, float32 on CPU
+
+
+@pytest.mark.parametrize("name", list(OPS_ADAPTERS.values()))
+def test_ops_timed_body_runs_the_variants(name):
+    """``keras-ops-sdpa*``'s timed forward (traced where the backend traces) computes what its
+    conformance path computes, with an ALiBi bias and a window, and passes the benchmarks' gate."""
+    adapter = here(name)
+    from benchmarks import common
+
+    spec = {**common.config_spec("alibi-t128", True), "window": [40, -1]}
+    inputs = {k: v for k, v in build_inputs(spec).items() if k != "grad_output"}
+    bench = adapter.bench(inputs, spec, "float32", "cpu")
+    runtime = {k: inputs[k] for k in ("query", "key", "value", "attn_bias")}
+    expected = adapter.prepare(inputs, spec, "float32", "cpu")(runtime)["output"]
+    got = bench.to_numpy(bench.forward())
+    bench.sync()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)  # a traced graph may fuse differently
+    assert common.gate(bench, inputs, spec, "float32", name) <= 2
+    assert bench.make_backward is None and bench.meta["threads"] == str(bench_threads())
+    assert tuple(bench.matmul(8)().shape) == (8, 8)
+
+
+@pytest.mark.parametrize("name", list(OPS_ADAPTERS.values()))
+def test_the_benchmark_plan_times_the_ops_adapter(name):
+    """GPT, the Transformer and ALiBi (a bias), not Gemma 2 (a softcap Keras runs on TPUs only)."""
+    here(name)
+    from benchmarks import runner
+
+    plan = runner.plan("cpu", [name])
+    assert plan["untimed"] == [] and plan["adapters"] == [name]
+    assert len(plan["bench"]) == 3 * 3, plan["skipped"]

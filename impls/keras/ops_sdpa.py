@@ -7,7 +7,8 @@ attn_logits_soft_cap)`` in the [B, T, N, H] layout, and the output projection. `
 the bottom-right causal rule, the window and the per-batch lengths go into the boolean mask.
 ``attn_bias`` is the ``bias`` argument; ``softcap`` is ``attn_logits_soft_cap``. One adapter per
 Keras backend (``keras-ops-sdpa`` on TensorFlow, ``-jax``, ``-torch``), as for the layers. It is
-checked forward: no gradient path is written for it.
+checked forward: no gradient path is written for it. The timed path traces the same function
+(:meth:`KerasOpsSDPA.attention`) where the backend traces.
 
 Keras 3.15 cannot express two things here: ``attn_logits_soft_cap`` raises "only supported for JAX
 on TPU" on every CPU backend (a skip with that reason), and the torch backend refuses ``bias``
@@ -22,14 +23,15 @@ from typing import Any
 import numpy as np
 
 from mha_conformance.impls.adapter import (
-    Adapter,
     Arrays,
     Divergence,
     Prepared,
     Spec,
     has_empty_rows,
+    refusal,
     rule_mask,
 )
+from mha_conformance.impls.bench import Bench
 from mha_conformance.impls.keras.backend import import_keras
 from mha_conformance.impls.keras.divergences import (
     JAX_VALUE_WIDTH,
@@ -97,62 +99,95 @@ class KerasOpsSDPA(KerasMHA):
     def supports(self, spec: Spec, dtype: str, device: str) -> str | None:
         return None
 
-    def prepare(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
+    def attention(self, case: Arrays, spec: Spec, dtype: str, device: str):
+        """``(attend, arguments)``: ``attend(params, query, key, value, bias, mask)`` is the whole
+        forward on backend tensors (projections, ``keras.ops.dot_product_attention``, output
+        projection), pure, so it can be traced (``tf.function``, ``jax.jit``); ``arguments(inputs)``
+        puts one call's inputs on ``device`` as its arguments. The conformance and timed paths both
+        run it."""
         k = import_keras()
         b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
         h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]
         rules = any(spec.get(v) is not None for v in ("window", "kv_lengths"))
-        with self._device_scope(device):
-            params = {n: self._tensor(a, dtype) for n, a in case.items() if n[:2] in ("w_", "b_")}
 
-        def project(x, short: str, heads: int, width: int):
+        def project(params, x, short: str, heads: int, width: int):
             y = k.ops.matmul(x, params[f"w_{short}"])
             if f"b_{short}" in params:
                 y = y + params[f"b_{short}"]
             return k.ops.reshape(y, (b, -1, heads, width))
 
-        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-            top_left = spec["causal"] and tq == tk and "mask" not in inputs and not rules
+        def attend(params, query, key, value, bias, mask):
+            ctx = k.ops.dot_product_attention(
+                project(params, query, "q", h, hd),
+                project(params, key, "k", hkv, hd),
+                project(params, value, "v", hkv, hdv),
+                bias=bias,
+                mask=mask,
+                scale=spec["scale"],
+                is_causal=top_left,
+                attn_logits_soft_cap=spec.get("softcap"),
+            )
+            out = k.ops.reshape(ctx, (b, tq, h * hdv))
+            if spec["out_proj"]:
+                out = k.ops.matmul(out, params["w_o"])
+                if "b_o" in params:
+                    out = out + params["b_o"]
+            return out
+
+        top_left = spec["causal"] and tq == tk and "mask" not in case and not rules
+
+        def arguments(inputs: Mapping[str, np.ndarray]) -> tuple:
             allowed = None if top_left else rule_mask(spec, inputs.get("mask"))
+            given = inputs.get("attn_bias")
+            if given is not None and allowed is not None and self.keras_backend == "torch":
+                # Keras on torch takes a bias or a mask, not both: the mask goes in as -inf.
+                given, allowed = np.where(allowed, given, -np.inf).astype(given.dtype), None
             with self._device_scope(device):
-                q = project(self._tensor(inputs["query"], dtype), "q", h, hd)
-                kk = project(self._tensor(inputs["key"], dtype), "k", hkv, hd)
-                v = project(self._tensor(inputs["value"], dtype), "v", hkv, hdv)
-                given = inputs.get("attn_bias")
-                if given is not None and allowed is not None and self.keras_backend == "torch":
-                    given, allowed = (
-                        np.where(allowed, given, -np.inf).astype(given.dtype),
-                        None,
-                    )  # one or the other
+                tensors = [self._tensor(inputs[n], dtype) for n in ("query", "key", "value")]
                 bias = None if given is None else self._tensor(given, dtype)
                 mask = None if allowed is None else self._tensor(np.ascontiguousarray(allowed), dtype)
-                ctx = k.ops.dot_product_attention(
-                    q,
-                    kk,
-                    v,
-                    bias=bias,
-                    mask=mask,
-                    scale=spec["scale"],
-                    is_causal=top_left,
-                    attn_logits_soft_cap=spec.get("softcap"),
-                )
-                out = k.ops.reshape(ctx, (b, tq, h * hdv))
-                if spec["out_proj"]:
-                    out = k.ops.matmul(out, params["w_o"])
-                    if "b_o" in params:
-                        out = out + params["b_o"]
+            return (*tensors, bias, mask)
+
+        return attend, arguments
+
+    def params(self, case: Arrays, dtype: str, device: str) -> dict[str, Any]:
+        with self._device_scope(device):
+            return {n: self._tensor(a, dtype) for n, a in case.items() if n[:2] in ("w_", "b_")}
+
+    def prepare(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
+        k = import_keras()
+        params = self.params(case, dtype, device)
+        attend, arguments = self.attention(case, spec, dtype, device)
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+            args = arguments(inputs)
+            with self._device_scope(device):
+                out = attend(params, *args)
             self._check_device(out, device)
             return {"output": self._numpy(out, dtype), "meta": {"keras_backend": k.backend.backend()}}
 
         return run
+
+    def bench(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Bench:
+        """The timed path (``impls/keras/timed.py``): :meth:`attention` traced once in setup
+        (``tf.function`` on TensorFlow, ``jax.jit`` on JAX; eager under ``no_grad`` on torch, as
+        Keras runs it there), inputs and weights on the device once; forward only."""
+        from mha_conformance.impls.bench import bench_threads
+        from mha_conformance.impls.keras.timed import bench_function, fix_threads
+
+        reason = refusal(self, spec, dtype, device)
+        if reason:
+            raise NotImplementedError(reason)
+        meta = fix_threads(self.keras_backend, bench_threads())  # before the backend's first op
+        attend, arguments = self.attention(case, spec, dtype, device)
+        params, args = self.params(case, dtype, device), arguments(case)
+        return bench_function(self, attend, params, args, dtype, device, meta)
 
     def prepare_backward(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
         raise NotImplementedError(f"{self.name} is checked forward only: no gradient path is written for it")
 
     def prepare_training(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Prepared:
         raise NotImplementedError("keras.ops.dot_product_attention has no dropout")
-
-    bench = Adapter.bench  # no timed path yet
 
 
 class KerasOpsSDPAJax(KerasOpsSDPA):

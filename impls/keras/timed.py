@@ -323,3 +323,73 @@ def _torch(built: Built) -> Bench:
             "backward": "autograd, graph recorded in setup (retain_graph)",
         },
     )
+
+
+def bench_function(
+    adapter, attend, params, args: tuple, dtype: str, device: str, meta: dict[str, str]
+) -> Bench:
+    """Timed closures over a pure function ``attend(params, *args)`` of backend tensors already
+    on the device (``keras-ops-sdpa``): traced once here where the backend traces
+    (``tf.function``, with XLA on GPUs as Keras's ``jit_compile="auto"``; ``jax.jit``), eager under
+    ``torch.no_grad`` on torch. Forward only: the adapter has no gradient path. ``meta``: what
+    :func:`fix_threads` recorded before the tensors were made."""
+    backend = adapter.keras_backend
+    k = import_keras()
+    last: list[Any] = [None]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        compiled = tf.function(attend, jit_compile=device != "cpu")
+        how = f"tf.function ({'XLA' if device != 'cpu' else 'no XLA'})"
+
+        def sync() -> None:
+            if device != "cpu":
+                tf.test.experimental.sync_devices()
+            else:
+                last[0].numpy()
+    elif backend == "jax":
+        import jax
+
+        compiled, how = jax.jit(attend), "jax.jit"
+
+        def sync() -> None:
+            jax.block_until_ready(last[0])
+    else:
+        import torch
+
+        def compiled(params, *args):
+            with torch.no_grad():
+                return attend(params, *args)
+
+        how = "eager under torch.no_grad"
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def forward():
+        with adapter._device_scope(device):
+            last[0] = compiled(params, *args)
+        return last[0]
+
+    forward()  # traced and compiled here, never while timed
+    sync()
+
+    def matmul(n: int) -> Callable[[], Any]:
+        values = [np.random.default_rng(seed).standard_normal((n, n)).astype(np.float32) for seed in (1, 2)]
+        with adapter._device_scope(device):
+            a, b = (adapter._tensor(x, dtype) for x in values)
+
+        def run():
+            with adapter._device_scope(device):
+                last[0] = k.ops.matmul(a, b)
+            return last[0]
+
+        return run
+
+    meta.update(keras=k.__version__, keras_backend=k.backend.backend(), forward=how)
+    return Bench(
+        forward=forward,
+        sync=sync,
+        to_numpy=lambda out: adapter._numpy(out, dtype),
+        make_backward=None,  # forward only, as the conformance path
+        matmul=matmul,
+        meta=meta,
+    )
