@@ -182,3 +182,35 @@ def asv_results(folder: Path, machine: str = "alpha-cpu", started_at: int = 1_76
     path = target / "abc123-existing-py.json"
     path.write_text(json.dumps(data))
     return path
+
+
+def large_history(folder: Path, runs: int, tests: int) -> None:
+    """``runs`` runs of ``tests`` tests each (24 adapters x 10 checks x 4 dtypes x cases; mostly
+    passes, with skips, declared divergences and a failure), for the dashboard's size and load
+    time at scale. One report is serialised once and written ``runs`` times under other dates."""
+    from mha_conformance.checks import CHECKS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    adapters = [f"adapter-{i:02d}" for i in range(24)]
+    checks = list(CHECKS)[:10]
+    dtypes = ["float64", "float32", "float16", "bfloat16"]
+    per_cell = -(-tests // (len(adapters) * len(checks) * len(dtypes)))
+    records = []
+    for a in adapters:
+        for check in checks:
+            for dtype in dtypes:
+                for n in range(per_cell):
+                    outcome = ("passed",) * 6 + ("skipped", "skipped", "xfailed", "passed")
+                    rec = record(a, dtype, f"case_{n:03d}", outcome[n % 10], ratio=0.1 + (n % 17) / 10)
+                    rec.check = check
+                    if rec.outcome == "xfailed":
+                        rec.reason = f"declared divergence {n % 7} of {a}: a semantic difference"
+                    records.append(rec)
+    records[0].outcome, records[0].reason = "failed", "output: max abs err 4.9e-01 at index [0, 6, 13]"
+    env = report.environment({})
+    run = {"started": "STARTED", "finished": "STARTED", "commit": "abc123", "k_factor": 2.0, "args": []}
+    text = json.dumps(report.build_report(records, env, {**run, "exit_status": 1, "duration": 1.0}))
+    for i in range(runs):
+        started = f"2026-02-{1 + i // 24:02d}T{i % 24:02d}:00:00+00:00"
+        stamp = started[:19].replace("-", "").replace(":", "") + "Z"
+        (folder / f"{stamp}_abc123_{i:08x}.json").write_text(text.replace("STARTED", started))

@@ -17,6 +17,7 @@ from benchmarks import bench_attention, common, runner
 from mha_conformance.impls import reference, registry
 from mha_conformance.impls.bench import Bench
 from mha_conformance.vectors.generate import build_inputs
+from tests.runs import asv_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,32 +211,11 @@ def test_plan_selects_what_can_run():
 def test_asv_quick_smoke(tmp_path):
     """asv discovers the suite and runs one configuration end to end (``--quick``)."""
     pytest.importorskip("torch")
-    conf = json.loads((ROOT / "asv.conf.json").read_text())
-    conf.update(
-        repo=str(ROOT),
-        benchmark_dir=str(ROOT / "benchmarks"),
-        env_dir=str(tmp_path / "env"),
-        results_dir=str(tmp_path / "results"),
-        html_dir=str(tmp_path / "html"),
-    )
-    (tmp_path / "asv.conf.json").write_text(json.dumps(conf))
-    asv = shutil.which("asv") or str(Path(sys.executable).parent / "asv")
-    env = dict(os.environ, HOME=str(tmp_path), ASV_PYTHONPATH=str(ROOT))  # machine file in a throwaway home
-    env[common.RUN_CACHE_ENV] = str(tmp_path / "run.json")
-    machine = ["--machine", "smoke", "--os", "x", "--arch", "x", "--cpu", "x", "--num_cpu", "1", "--ram", "1"]
-    subprocess.run(
-        [asv, "--config", str(tmp_path / "asv.conf.json"), "machine", *machine, "--yes"],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    asv, env = asv_setup(tmp_path, ROOT, "smoke")
     selection = runner.param_regex("torch-sdpa", "gpt-t128", "float32", True)
     done = subprocess.run(
         [
-            asv,
-            "--config",
-            str(tmp_path / "asv.conf.json"),
+            *asv,
             "run",
             "--python=same",
             "--quick",

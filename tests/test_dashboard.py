@@ -21,7 +21,7 @@ import pytest
 
 from mha_conformance.dashboard import page as dashboard
 from mha_conformance.results.report import OUTCOMES
-from tests.history_fixtures import asv_results, small_history
+from tests.history_fixtures import asv_results, record, small_history, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -34,15 +34,38 @@ def test_page_shows_latest_matrix_and_problems(tmp_path):
     assert len(problems) == expected["problems"]
     assert "20260103T100000Z_abc123_0000dddd.json" in page  # the damaged file is named on the page
     assert '<span id="run-count">3</span>' in page
-    for adapter, check, dtype, device, host in expected["matrix"]:
-        assert (
-            f'data-adapter="{adapter}" data-check="{check}" data-dtype="{dtype}" data-device="{device}" '
-            f'data-host="{host}"' in page
-        )
+    for adapter in {key[0] for key in expected["matrix"]}:
+        assert f'<tr data-adapter="{adapter}" data-framework="torch">' in page
+    assert 'data-check="golden" data-status="divergent"' in page  # torch-mha's xfailed fully masked rows
+    assert 'data-check="golden" data-status="xpass"' in page  # torch-sdpa's bfloat16 xpassed
+    assert 'class="divergence" id="divergence-' in page  # every declared divergence has its anchor
     assert "No benchmark results" in page and "nox -s benchmarks" in page
-    assert "<svg" in page  # error-ratio and trend plots, inline
+    assert "<svg" in page and 'id="errors-data"' in page  # the plot, and its data as a table
     for external in ('src="http', 'href="http', "url(http", "@import"):
         assert external not in page  # nothing fetched from elsewhere: the page works offline
+
+
+def test_cells_hold_the_tests_with_reproduce_lines(tmp_path):
+    small_history(tmp_path / "history")
+    page, _ = dashboard.build_page(tmp_path / "history", tmp_path / "no-results", cells_dir=tmp_path / "out")
+    scripts = sorted((tmp_path / "out" / "cells").glob("*.js"))
+    assert len(scripts) == 2  # torch-mha and torch-sdpa, golden
+    data = {}
+    for script in scripts:
+        text = script.read_text()
+        assert text.startswith("mhaCell(") and "<" not in text  # JSON with < escaped
+        body = json.loads(text[text.index(",") + 1 : text.rindex(")")])
+        data[body["adapter"]] = body
+    (xfailed,) = data["torch-mha"]["tests"]
+    assert xfailed["outcome"] == "xfailed" and xfailed["divergence"].startswith("divergence-")
+    assert xfailed["reproduce"] == (
+        "python -m mha_conformance -k 'test_golden' --adapter torch-mha --device cpu --dtype float32 "
+        "--case mask_fully_masked_query_rows"
+    )
+    assert data["torch-mha"]["skips"] == [
+        {"reason": "nn.MultiheadAttention has no grouped-query attention", "count": 1}
+    ]
+    assert data["torch-mha"]["counts"]["passed"] == 3  # hosts alpha and beta
 
 
 def test_page_without_history(tmp_path):
@@ -86,6 +109,8 @@ def _driver():
 def served(tmp_path):
     """The dashboard built by its CLI from the fixtures, served over HTTP on 127.0.0.1."""
     expected = small_history(tmp_path / "history")
+    failing = record("torch-flex", "float32", "causal_long_t512_h2_hd8", "failed", 7.0)
+    write_run(tmp_path / "history", "2026-01-05T10:00:00+00:00", "gamma", [failing], token="0000ffff")
     asv_results(tmp_path / "results")
     html = tmp_path / "html"
     cmd = [
@@ -114,41 +139,106 @@ def served(tmp_path):
 
 
 def test_dashboard_in_a_browser(served):
+    """The landing view is the matrix; a cell opens its tests (the failing one with its reproduce
+    line), the filters work, nothing is requested outside the folder, the page is small and
+    opens within a second; a screenshot is kept under results/."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     url, expected = served
     driver = _driver()
     try:
         driver.get(url)
         assert driver.title == "MHA conformance dashboard"
-        rows = driver.find_elements(By.CSS_SELECTOR, "#matrix-table tbody tr")
-        shown = {}
-        for row in rows:
-            key = tuple(
-                row.get_attribute(f"data-{a}") for a in ("adapter", "check", "dtype", "device", "host")
-            )
-            cells = row.find_elements(By.CSS_SELECTOR, "td.count")
-            shown[key] = {c.get_attribute("data-outcome"): int(c.text) for c in cells}
-        assert shown == expected["matrix"]
-        total = driver.find_elements(By.CSS_SELECTOR, "#matrix-total td.count")
-        assert {c.get_attribute("data-outcome"): int(c.text) for c in total} == expected["total"]
+        opened = driver.execute_script(
+            "const n = performance.getEntriesByType('navigation')[0]; return [n.loadEventEnd, n.transferSize]"
+        )
+        assert 0 < opened[0] < 1000, f"the page took {opened[0]:.0f} ms to load"
+        rows = driver.find_elements(By.CSS_SELECTOR, "#matrix-table tbody tr[data-adapter]")
+        assert [r.get_attribute("data-adapter") for r in rows] == ["torch-flex", "torch-mha", "torch-sdpa"]
+        status = {
+            (r.get_attribute("data-adapter"), c.get_attribute("data-check")): c.get_attribute("data-status")
+            for r in rows
+            for c in r.find_elements(By.CSS_SELECTOR, "td.cell")
+        }
+        assert status == {
+            ("torch-flex", "golden"): "fail",
+            ("torch-mha", "golden"): "divergent",
+            ("torch-sdpa", "golden"): "xpass",
+        }
         assert driver.find_element(By.ID, "problem-count").text == str(expected["problems"])
-        assert driver.find_element(By.ID, "run-count").text == str(expected["runs"])
-        figures = driver.find_elements(By.CSS_SELECTOR, "#speed figure svg")
-        assert len(figures) == 2  # forward time and GFLOP/s for the fixture's machine
-        # the filter works: typing a case keeps only its rows
-        every = int(driver.find_element(By.ID, "shown").text)
-        assert every == sum(sum(c.values()) for c in expected["matrix"].values())
-        driver.find_element(By.ID, "filter").send_keys("decode_tq1")
+        assert driver.find_element(By.ID, "run-count").text == str(expected["runs"] + 1)
+        assert (
+            len(driver.find_elements(By.CSS_SELECTOR, "#speed figure svg")) == 2
+        )  # the fixture's benchmarks
+        # a click opens the cell: its failing test, the message, the reproduce line
+        driver.find_element(By.CSS_SELECTOR, 'tr[data-adapter="torch-flex"] td.cell').click()
+        WebDriverWait(driver, 5).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#cell-tests tbody tr"))
+        (row,) = driver.find_elements(By.CSS_SELECTOR, "#cell-tests tbody tr")
+        assert row.get_attribute("data-outcome") == "failed" and "max abs err" in row.text
+        assert row.find_element(By.CSS_SELECTOR, "td.repro").text == (
+            "python -m mha_conformance -k 'test_golden' --adapter torch-flex --device cpu --dtype float32 "
+            "--case causal_long_t512_h2_hd8"
+        )
+        # a divergent cell links to its divergence's anchor
+        driver.find_element(By.CSS_SELECTOR, 'tr[data-adapter="torch-mha"] td.cell').click()
+        WebDriverWait(driver, 5).until(
+            lambda d: (
+                "torch-mha" in d.find_element(By.ID, "cell-title").text
+                and d.find_elements(By.CSS_SELECTOR, "#cell-tests td.reason a")
+            )
+        )
+        anchor = driver.find_element(By.CSS_SELECTOR, "#cell-tests td.reason a").get_attribute("href")
+        assert driver.find_elements(By.ID, anchor.rpartition("#")[2])
+        # the filters: adapters by text, squares by dtype
+        driver.find_element(By.ID, "filter").send_keys("sdpa")
         assert driver.find_element(By.ID, "shown").text == "1"
-        visible = [
-            r for r in driver.find_elements(By.CSS_SELECTOR, "table.tests tbody tr") if r.is_displayed()
-        ]
-        assert [r.find_element(By.TAG_NAME, "td").text for r in visible] == ["decode_tq1_tk1024_long_cache"]
+        assert [r.get_attribute("data-adapter") for r in rows if r.is_displayed()] == ["torch-sdpa"]
+        Select(driver.find_element(By.ID, "dtype")).select_by_value("bfloat16")
+        squares = driver.find_elements(By.CSS_SELECTOR, 'tr[data-adapter="torch-sdpa"] .sq')
+        assert [s.get_attribute("data-dtype") for s in squares if s.is_displayed()] == ["bfloat16"]
+        # nothing requested outside the served folder
+        origin = url.rsplit("/conformance/", 1)[0]
+        requested = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert requested and all(r.startswith(origin) or r.startswith("data:") for r in requested), requested
         errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
         assert errors == [], errors
+        shots = ROOT / "results" / "screenshots"
+        shots.mkdir(parents=True, exist_ok=True)
+        driver.find_element(By.ID, "filter").clear()
+        driver.save_screenshot(str(shots / "dashboard.png"))
     finally:
         driver.quit()
+    page = Path(url.replace("http://", "")).name  # index.html
+    assert page == "index.html"
+
+
+def test_dashboard_page_size_and_load_time_at_scale(tmp_path):
+    """The page for a history of 50 runs of 17,000 tests each is under 1 MB (the tests are in the
+    cells' files) and opens in headless Chromium within a second; both are printed."""
+    import time
+
+    from tests.history_fixtures import large_history
+
+    large_history(tmp_path / "history", runs=50, tests=17_000)
+    html = tmp_path / "html"
+    started = time.perf_counter()
+    target, _ = dashboard.write_page(tmp_path / "history", tmp_path / "no-results", html)
+    built = time.perf_counter() - started
+    size = target.stat().st_size
+    cells = sum(p.stat().st_size for p in (target.parent / "cells").glob("*.js"))
+    assert size < 1_000_000, f"index.html is {size} bytes"
+    driver = _driver()
+    try:
+        driver.get(target.as_uri())
+        load = driver.execute_script("return performance.getEntriesByType('navigation')[0].loadEventEnd")
+    finally:
+        driver.quit()
+    print(
+        f"\n50 runs x 17,000 tests: index.html {size / 1e3:.0f} kB, cells {cells / 1e6:.1f} MB, built in {built:.1f} s, "
+        f"loaded in {load:.0f} ms"
+    )
+    assert 0 < load < 1000, f"the page took {load:.0f} ms to load"
 
 
 def test_outcome_columns_are_the_reports():
@@ -179,6 +269,7 @@ def test_adapter_controlled_markup_stays_text_in_the_page(tmp_path):
     """An adapter's name, exception message and meta carry markup through the suite, the JSON
     report, the history and the dashboard; headless Chromium shows it as text and runs none of it."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     from tests.faulty_adapters import PAYLOADS
     from tests.runs import run_suite
@@ -200,16 +291,17 @@ def test_adapter_controlled_markup_stays_text_in_the_page(tmp_path):
     driver = _driver()
     try:
         driver.get((html / "conformance" / "index.html").as_uri())
-        for row in driver.find_elements(By.CSS_SELECTOR, "#details details"):
-            driver.execute_script("arguments[0].open = true", row)
+        driver.find_element(By.CSS_SELECTOR, "td.cell").click()  # its tests, loaded from cells/<n>.js
+        WebDriverWait(driver, 5).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#cell-tests tbody tr"))
         text = driver.find_element(By.TAG_NAME, "body").text
         assert PAYLOADS["name"] in text  # shown, as text
         assert PAYLOADS["meta"] in text
         assert "</script><script>" in text
         assert driver.execute_script("return window.__xss === undefined")
         assert not driver.find_elements(By.CSS_SELECTOR, "body img, body svg[onload]")
-        scripts = driver.find_elements(By.TAG_NAME, "script")
-        assert len(scripts) == 1  # the page's own
+        scripts = [s.get_attribute("src") or "inline" for s in driver.find_elements(By.TAG_NAME, "script")]
+        assert scripts.count("inline") == 1  # the page's own, and its cells' data files
+        assert all(s == "inline" or "/conformance/cells/" in s for s in scripts), scripts
         driver.switch_to.alert  # noqa: B018 (raises NoAlertPresentException when none opened)
         pytest.fail("an alert opened: the adapter's name ran as markup")
     except Exception as exc:  # selenium's NoAlertPresentException is the good outcome
@@ -217,3 +309,68 @@ def test_adapter_controlled_markup_stays_text_in_the_page(tmp_path):
             raise
     finally:
         driver.quit()
+
+
+def test_asv_site_renders_offline(tmp_path):
+    """A real ``asv run`` of one configuration and ``asv publish``, then the dashboard's
+    ``asv_offline.localize``: served from the folder, headless Chromium draws the benchmark's graph
+    with every script and stylesheet from the folder (no CDN request), and no load-failure banner."""
+    pytest.importorskip("torch")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from benchmarks import runner
+    from mha_conformance.dashboard import asv_offline
+    from tests.runs import asv_setup
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    (repo / "README").write_text("asv needs a commit to file results under\n")
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run(
+        [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    asv, env = asv_setup(tmp_path, repo, "offline")
+    forward = (
+        r"bench_attention\.Forward\.time_forward\("
+        + runner.param_regex("torch-sdpa", "gpt-t128", "float32", True).partition(r"\w+\(")[2]
+    )
+    run = [*asv, "run", "--python=same", "--quick", "--machine", "offline"]
+    done = subprocess.run(
+        [*run, "--set-commit-hash", head, "--bench", forward],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    done = subprocess.run([*asv, "publish"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    html = tmp_path / "html"
+    assert "https://" in (html / "index.html").read_text()  # asv's page, as published, loads CDNs
+    assert asv_offline.localize(html) == []
+    assert "https://cdn" not in (html / "index.html").read_text()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(html))
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{server.server_address[1]}"
+    driver = _driver()
+    try:
+        driver.get(f"{origin}/#bench_attention.Forward.time_forward")
+        WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "canvas.flot-base"))
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert "failed to load" not in body
+        requested = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert any("/vendor/" in r for r in requested)
+        assert all(r.startswith(origin) or r.startswith("data:") for r in requested), requested
+        shots = ROOT / "results" / "screenshots"
+        shots.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(shots / "asv-offline.png"))
+    finally:
+        driver.quit()
+        server.shutdown()
+        server.server_close()

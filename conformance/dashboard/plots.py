@@ -39,40 +39,46 @@ def _panels(plt, keys: list[str], width: float = 4.2):
     return fig, dict(zip(keys, axes[0], strict=True))
 
 
-def ratio_plot(points: list[dict[str, Any]], k: float) -> str | None:
-    """Worst error ratio of every judged test against its sequence length (keys), one panel
-    per dtype, one colour per adapter; the dashed line is the pass limit k."""
+def worst_by_length(points: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """The worst ratio per (adapter, sequence length) over dtypes, devices and cases."""
+    worst: dict[tuple[str, int], float] = {}
+    for p in points:
+        key = (p["adapter"], p["seq_len"])
+        worst[key] = max(worst.get(key, 0.0), p["ratio"])
+    return worst
+
+
+def ratio_plot(points: list[dict[str, Any]], k: float, frameworks: dict[str, str]) -> str | None:
+    """Small multiples: one panel per framework, one line per adapter through its worst error
+    ratio at each sequence length (keys), log axes; the dashed line is the pass limit k."""
     plt = _pyplot()
     if plt is None or not points:
         return None
-    dtypes = [d for d in DTYPE_ORDER if any(p["dtype"] == d for p in points)]
-    fig, axes = _panels(plt, dtypes)
-    adapters = sorted({p["adapter"] for p in points})
-    colours = {a: plt.cm.tab10(i % 10) for i, a in enumerate(adapters)}
-    for dtype, ax in axes.items():
-        for adapter in adapters:
-            mine = [p for p in points if p["dtype"] == dtype and p["adapter"] == adapter]
-            if mine:
-                ax.scatter(
-                    [p["seq_len"] for p in mine],
-                    [max(p["ratio"], 1e-4) for p in mine],
-                    s=12,
-                    alpha=0.7,
-                    color=colours[adapter],
-                    label=adapter,
-                )
+    worst = worst_by_length(points)
+    groups = sorted({frameworks.get(a, "other") for a, _ in worst})
+    columns = min(3, len(groups))
+    rows = -(-len(groups) // columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.0 * rows), squeeze=False, sharey=True)
+    for ax, group in zip(grid.flat, groups, strict=False):
+        adapters = sorted({a for a, _ in worst if frameworks.get(a, "other") == group})
+        for i, adapter in enumerate(adapters):
+            lengths = sorted(n for a, n in worst if a == adapter)
+            ax.plot(
+                lengths,
+                [max(worst[(adapter, n)], 1e-4) for n in lengths],
+                marker="o",
+                markersize=3,
+                linewidth=1,
+                color=plt.cm.tab10(i % 10),
+                label=adapter,
+            )
         ax.axhline(k, color="black", linestyle="--", linewidth=1)
-        ax.set(xscale="log", yscale="log", title=dtype, xlabel="sequence length (keys)")
-    next(iter(axes.values())).set_ylabel("error / (baseline + floor)")
-    handles = {h.get_label(): h for ax in axes.values() for h in ax.get_legend_handles_labels()[0]}
-    list(axes.values())[-1].legend(
-        handles.values(),
-        handles.keys(),
-        loc="upper left",
-        bbox_to_anchor=(1.02, 1),
-        fontsize=7,
-        frameon=False,
-    )
+        ax.set(xscale="log", yscale="log", title=group, xlabel="sequence length (keys)")
+        ax.legend(fontsize=6, frameon=False, loc="lower right")
+    for ax in grid.flat[len(groups) :]:
+        ax.set_visible(False)
+    for ax in grid[:, 0]:
+        ax.set_ylabel("worst error / (baseline + floor)")
     return _svg(plt, fig)
 
 

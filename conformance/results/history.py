@@ -206,8 +206,18 @@ def ratio_points(runs: list[Run], kv_lens: dict[str, int]) -> list[dict[str, Any
     nothing about how error grows with length. So are cases missing from ``kv_lens`` (an
     older catalogue)."""
     points = []
+    by_run = {run.name: run for run in runs}
+    grouped: dict[str, dict[tuple, list[dict[str, Any]]]] = {}
     for row in latest_matrix(runs):
-        for test in cell_tests(runs, row):
+        if row["run"] not in grouped:  # each run's tests indexed once, not searched per row
+            index: dict[tuple, list[dict[str, Any]]] = {}
+            for t in by_run[row["run"]].tests:
+                index.setdefault(
+                    (t["adapter"], t.get("check", "golden"), t["dtype"], t["device"]), []
+                ).append(t)
+            grouped[row["run"]] = index
+        where = (row["adapter"], row.get("check", "golden"), row["dtype"], row["device"])
+        for test in grouped[row["run"]].get(where, []):
             ratio, n = worst_ratio(test), kv_lens.get(test.get("case", ""))
             if (
                 ratio is not None
