@@ -95,11 +95,20 @@ def backend_env(session: nox.Session, backend: str, extras: str) -> list[str]:
 def conformance(session: nox.Session, backend: str) -> None:
     """Validate the built-in adapters of one backend against the golden vectors.
 
-    Arguments after ``--`` reach pytest: ``nox -s conformance -- --adapter torch-sdpa --device all``.
-    Every run also writes its JSON report into results/conformance/ (the history).
+    Arguments after ``--`` reach pytest: ``nox -s conformance -- --adapter torch-sdpa --device all``
+    (``-- --quick``: the quick tier; ``-- -n auto``: every core). Every run also writes its JSON
+    report into results/conformance/ (the history). ``-- --timing`` measures the job instead, in
+    the same environment and caches: cold, warm and quick runs, checked to give the same
+    verdicts, into docs/generated/main-job-time.md (``mha_conformance.audit.timing``; with
+    ``--kind n1 --kind n2``, pytest-xdist on the warm caches).
     """
     args = backend_env(session, backend, "test")
-    session.run("python", "-m", "mha_conformance", "-rfE", "--history", HISTORY, *args)
+    if "--timing" in args:
+        args.remove("--timing")
+        table = ["--out", "results/timing", "--markdown", "docs/generated/main-job-time.md"]
+        session.run("python", "-m", "mha_conformance.audit.timing", "--label", backend, *table, *args)
+        return
+    session.run("python", "-m", "mha_conformance", "-rfE", "--history", HISTORY, "--label", backend, *args)
 
 
 @nox.session
@@ -158,8 +167,11 @@ def dashboard(session: nox.Session) -> None:
 @nox.parametrize("backend", list(BACKENDS))
 def speed(session: nox.Session, backend: str) -> None:
     """The quick regression gate: a few forward benchmarks of one backend's adapters with
-    pytest-benchmark, failing when a median is 10% slower than the previous saved run on the same
-    machine and device (``-- --device cuda``, ``-- --adapter GLOB`` as for the benchmarks)."""
+    pytest-benchmark (on CPU: CPU time, one framework thread), failing when a benchmark is slower
+    than its baseline, its newest earlier unflagged result on the same machine and device: a
+    one-sided Mann-Whitney U test on the raw samples at p < 0.01 and a Hodges-Lehmann ratio of at
+    least 1.25 (docs/benchmarks.md). ``-- --device cuda``, ``-- --adapter GLOB`` as for the
+    benchmarks; ``-- --accept`` makes an intentionally slower run the baseline."""
     args = backend_env(session, backend, "test,bench")
     session.run("python", "benchmarks/regression/run.py", "--backend", backend, *args)
 

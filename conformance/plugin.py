@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,9 +20,9 @@ from mha_conformance.checks.properties import ADVISORY
 from mha_conformance.checks.skeleton import CheckRecord
 from mha_conformance.execution.suite import Suite, Target
 from mha_conformance.execution.worker import STARTUP_TIMEOUT
-from mha_conformance.impls import registry
+from mha_conformance.impls import cache, registry
 from mha_conformance.impls.adapter import ALL_DTYPES
-from mha_conformance.results import report
+from mha_conformance.results import report as reports
 from mha_conformance.tolerance import DEFAULT_K
 from mha_conformance.vectors import golden
 
@@ -33,6 +34,9 @@ DEFAULT_CASE_TIMEOUT = 120.0
 #: itself failed (a test errored outside the adapter's verdict, or the report could not be written).
 HARNESS_ERROR = 3
 SUITE = pytest.StashKey[Suite]()
+#: The configs of the pytest sessions under way in this process (one, but for nested runs), for the
+#: hooks that pytest calls without one.
+CONFIG: list[pytest.Config] = []
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -60,8 +64,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="dtype (repeatable); default: every dtype the case lists that the adapter supports",
     )
     add("--case", action="append", default=[], help="glob on case ids (repeatable)")
+    add(
+        "--quick",
+        action="store_true",
+        help="the quick tier: for each check and adapter, the fewest cases that still cover every "
+        "semantic axis in every dtype (about a tenth of the tests; docs/running.md)",
+    )
     add("--report", type=Path, help="write the JSON report here")
     add("--history", type=Path, help="also write the report into this history folder")
+    add(
+        "--label",
+        default="",
+        help="a name for this run in the report and history (nox -s conformance gives each "
+        "backend's run its backend's name; python -m mha_conformance.audit.timing groups by it)",
+    )
     add(
         "--k-factor",
         type=float,
@@ -101,6 +117,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=golden.VECTORS_DIR,
         help="folder of golden vectors (default: the committed ones)",
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    CONFIG.append(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    CONFIG.remove(config)
+
+
+def is_xdist_worker(config: pytest.Config) -> bool:
+    """A pytest-xdist worker: it runs tests and sends their records to the controller, which
+    writes the one summary, report and history file."""
+    return hasattr(config, "workerinput")
+
+
+def xdist_workers(config: pytest.Config) -> int:
+    """How many pytest-xdist workers ran the tests (0: none, the tests ran in this process)."""
+    n = getattr(config.option, "numprocesses", None)
+    return n if isinstance(n, int) and getattr(config.option, "dist", "no") != "no" else 0
 
 
 def suite_of(config: pytest.Config) -> Suite:
@@ -149,8 +185,15 @@ def check(target: Target, suite: Suite, request: pytest.FixtureRequest):
     return run
 
 
+#: The key under which a test's record travels on its report (``user_properties``, which
+#: pytest-xdist carries from a worker to the controller with the rest of the report).
+RECORD = "mha_record"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Where the test ran (this process, or an xdist worker): its outcome as the report records
+    it, attached to pytest's report; :func:`pytest_runtest_logreport` files it."""
     outcome = yield
     rep = outcome.get_result()
     params = getattr(item, "callspec", None) and item.callspec.params
@@ -158,19 +201,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     param = found[0] if found else None
     if param is None or (rep.when == "setup" and not rep.skipped) or rep.when == "teardown":
         return
-    suite = built(item.config)
-    if suite is None:
-        return
-    rec = suite.records.setdefault(
-        item.nodeid,
-        report.TestRecord(item.nodeid, param.check, param.adapter, param.device, param.dtype, param.case),
-    )
+    rec = reports.TestRecord(item.nodeid, param.check, param.adapter, param.device, param.dtype, param.case)
     found = getattr(item, "mha_record", None)
     if found is not None:
         rec.verdicts = [v.as_dict() for v in found.verdicts]
         rec.meta = dict(found.meta)
     finding = found.finding if found is not None else ""
-    rec.duration += rep.duration
     if hasattr(rep, "wasxfail"):
         rec.outcome = "xpassed" if rep.passed else "xfailed"
         rec.reason = rep.wasxfail
@@ -184,10 +220,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     else:
         rec.outcome = rep.outcome
         if rep.failed:
-            rec.reason = report.clip(str(call.excinfo.value) if call.excinfo else str(rep.longrepr))
+            rec.reason = reports.clip(str(call.excinfo.value) if call.excinfo else str(rep.longrepr))
             # A verdict fails with AssertionError; anything else is the harness failing.
             if rep.when != "call" or call.excinfo is None or not call.excinfo.errisinstance(AssertionError):
                 rec.outcome = "error"
+    rep.user_properties.append((RECORD, asdict(rec)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Where the run is reported (the only process, or the xdist controller): file each test's
+    record, its durations summed over its phases."""
+    found = [value for key, value in report.user_properties if key == RECORD]
+    if not found or not CONFIG:
+        return
+    suite = suite_of(CONFIG[-1])
+    rec = reports.TestRecord(**found[-1])
+    previous = suite.records.get(rec.nodeid)
+    if previous is not None:
+        rec.duration += previous.duration
+    rec.duration += report.duration
+    suite.records[rec.nodeid] = rec
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -199,7 +251,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     tr = terminalreporter
     tr.section("mha-conformance summary")
-    tr.write_line(report.format_table(report.summarize(records), suite.k))
+    tr.write_line(reports.format_table(reports.summarize(records), suite.k))
     xpassed = [r for r in records if r.outcome == "xpassed"]
     if xpassed:
         tr.write_line("")
@@ -232,30 +284,36 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if suite is None:
         return
     suite.close()
-    records = list(suite.records.values())
-    if not records:
+    # In test-id order: a run spread over xdist workers writes the same report as a serial one.
+    records = sorted(suite.records.values(), key=lambda r: r.nodeid)
+    if not records or is_xdist_worker(session.config):
         return
     if any(r.outcome == "error" for r in records):
         session.exitstatus = HARNESS_ERROR
     run = {
         "started": suite.started.isoformat(),
         "finished": datetime.now(timezone.utc).isoformat(),
-        "commit": report.git_commit(),
+        "commit": reports.git_commit(),
         "k_factor": suite.k,
+        "label": session.config.getoption("--label"),
+        "quick": suite.quick,
+        "xdist_workers": xdist_workers(session.config),
+        # Files the run added to the compilation caches (impls/cache.py): 0 for a warm run.
+        "cache_added": cache.entries() - suite.cache_entries,
         "args": session.config.invocation_params.args,
         "exit_status": int(exitstatus),
         "duration": time.time() - suite.started.timestamp(),
         # The suite process's peak resident memory (the adapters' workers not included).
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    data = report.build_report(records, report.environment(suite.adapter_versions()), run)
+    data = reports.build_report(records, reports.environment(suite.adapter_versions()), run)
     targets = [session.config.getoption("--report")]
     history = session.config.getoption("--history")
     if history:
-        targets.append(history / report.history_name(suite.started, run["commit"]))
+        targets.append(history / reports.history_name(suite.started, run["commit"]))
     for target in filter(None, targets):
         try:
-            report.write_json_atomic(target, data)
+            reports.write_json_atomic(target, data)
             suite.written.append(target)
         except OSError as exc:
             suite.write_errors.append(f"{target}: {exc}")

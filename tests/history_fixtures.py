@@ -58,7 +58,13 @@ def record(adapter: str, dtype: str, case: str, outcome: str, ratio: float | Non
 
 
 def write_run(
-    folder: Path, started: str, host: str, records: list, commit: str = "abc123", token: str = "0000aaaa"
+    folder: Path,
+    started: str,
+    host: str,
+    records: list,
+    commit: str = "abc123",
+    token: str = "0000aaaa",
+    quick: bool = False,
 ):
     """One history file named as the suite names them; returns its path."""
     env = report.environment({})
@@ -71,6 +77,7 @@ def write_run(
         "args": [],
         "exit_status": 1 if any(r.outcome == "failed" for r in records) else 0,
         "duration": 1.0,
+        "quick": quick,
     }
     stamp = started[:19].replace("-", "").replace(":", "") + "Z"
     path = folder / f"{stamp}_{commit}_{token}.json"

@@ -59,6 +59,25 @@ def test_latest_matrix_takes_the_newest_run_per_cell(tmp_path):
     assert history.totals(rows) == expected["total"]
 
 
+def test_a_quick_runs_cells_say_so(tmp_path):
+    """A ``--quick`` run is newest for its cells (its verdicts are the latest news) and its rows
+    say they come from the quick tier, so a cell's fewer tests read as a tier, not as lost tests."""
+    write_run(tmp_path, "2026-01-01T10:00:00+00:00", "alpha", [record("x", "float32", "a", "passed")])
+    write_run(
+        tmp_path,
+        "2026-01-02T10:00:00+00:00",
+        "alpha",
+        [record("x", "float32", "b", "failed", 9.0)],
+        quick=True,
+    )
+    write_run(
+        tmp_path, "2026-01-01T10:00:00+00:00", "beta", [record("y", "float32", "a", "passed")], token="1"
+    )
+    runs, _ = history.read_history(tmp_path)
+    tiers = {r["adapter"]: (r["tier"], r["failed"]) for r in history.latest_matrix(runs)}
+    assert tiers == {"x": ("quick", 1), "y": ("full", 0)}
+
+
 def test_cell_tests_put_failures_first(tmp_path):
     write_run(
         tmp_path,

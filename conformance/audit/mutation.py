@@ -1,6 +1,6 @@
 """The mutation score: does the suite fail every deliberately wrong implementation?
 
-``python -m mha_conformance.audit.mutation [--case GLOB ...] [--dtype D ...] [--json PATH]
+``python -m mha_conformance.audit.mutation [--case GLOB ...] [--dtype D ...] [--quick] [--json PATH]
 [--markdown PATH]`` runs the whole suite (``python -m mha_conformance``: the golden checks and
 whatever other checks the suite holds) in one subprocess against every mutant in ``impls/variants/mutants.py`` and their correct
 twin, reads the JSON report and prints, per mutant, whether it was killed and by which cases,
@@ -167,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--case", action="append", default=[], help="narrow to case globs (repeatable)")
     parser.add_argument("--dtype", action="append", default=[], help="narrow to dtypes (repeatable)")
     parser.add_argument(
+        "--quick", action="store_true", help="the suite's quick tier (it must kill them all too)"
+    )
+    parser.add_argument(
         "--mutant", action="append", default=[], help="only these mutants (names, repeatable)"
     )
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
@@ -174,9 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--markdown", type=Path, help="also write the table, stamped, here (docs/generated/mutation.md)"
     )
     args = parser.parse_args(argv)
-    pytest_args = [a for c in args.case for a in ("--case", c)] + [
-        a for d in args.dtype for a in ("--dtype", d)
-    ]
+    pytest_args = (
+        [a for c in args.case for a in ("--case", c)]
+        + [a for d in args.dtype for a in ("--dtype", d)]
+        + (["--quick"] if args.quick else [])
+    )
     chosen = [m for m in mutants.MUTANTS if not args.mutant or m.name in args.mutant]
     result = run(pytest_args, chosen)
     print(format_table(result))

@@ -23,8 +23,10 @@ from mha_conformance import __main__ as suite
 #: Per backend: its adapters, and the settings (environment variables) to compare.
 SETTINGS: dict[str, dict] = {
     "torch": {
-        # Every torch path but eager FlexAttention, which decomposes into the same aten ops the
-        # others already vary and costs 4 x 4 minutes here; issue 17 (speed) is to bring it back.
+        # Every torch path but FlexAttention, which decomposes into the same aten ops the others
+        # already vary and costs 4 x 4 minutes here: its eager call traces with dynamo once per
+        # distinct shape, dtype and structure in each process (~0.5 s each, nothing persists
+        # between processes; docs/speed.md).
         "adapters": ["torch-mha*", "torch-sdpa", "torch-scratch", "torch-wrapper"],
         "env": {
             "2 threads": {"OMP_NUM_THREADS": "2"},

@@ -142,7 +142,13 @@ def build(runs: list[history.Run]) -> dict[str, Any]:
             cell["worst_ratio"] = max(judged + [cell["worst_ratio"] or 0.0])
         for t in tests_of(row):
             cell["tests"].append(
-                {**t, "host": row["host"], "started": row["started"], "commit": row["commit"]}
+                {
+                    **t,
+                    "host": row["host"],
+                    "started": row["started"],
+                    "commit": row["commit"],
+                    "tier": row["tier"],
+                }
             )
 
     adapters = sorted({a for a, _ in cells})
@@ -186,7 +192,8 @@ def cell_data(adapter: str, check: str, cell: dict[str, Any]) -> dict[str, Any]:
                     if t["outcome"] in ("xfailed", "xpassed")
                     else "",
                     "reproduce": reproduce(t),
-                    "run": f"{t['started'][:19]} {t['commit']}",
+                    "run": f"{t['started'][:19]} {t['commit']}"
+                    + (" (quick tier)" if t["tier"] == "quick" else ""),
                 }
             )
         elif t["outcome"] == "skipped":

@@ -17,9 +17,10 @@ import pytest
 
 from mha_conformance.checks import CHECKS
 from mha_conformance.checks.skeleton import CheckRecord, run_check
+from mha_conformance.execution import tiers
 from mha_conformance.execution.harness import InProcess, Isolated, Runner
 from mha_conformance.execution.worker import Worker
-from mha_conformance.impls import registry
+from mha_conformance.impls import cache, registry
 from mha_conformance.impls.adapter import Adapter
 from mha_conformance.results import report
 from mha_conformance.vectors import golden
@@ -81,7 +82,9 @@ class Suite:
         self.strict = bool(option("strict", False))
         self.device = option("--device")
         self.dtypes: list[str] = option("--dtype")
+        self.quick: bool = option("--quick")
         self.started = datetime.now(timezone.utc)
+        self.cache_entries = cache.entries()
         self.records: dict[str, report.TestRecord] = {}
         self.not_installed: list[str] = []
         self.adapters = self.resolve(option("--adapter"))
@@ -164,18 +167,24 @@ class Suite:
         for name in checks:
             check = CHECKS[name]
             for adapter in self.adapters:
+                tests = [
+                    (case_id, dtype)
+                    for case_id, spec in self.specs.items()
+                    if check.applies(spec)
+                    for dtype in self.dtypes or [d for d in spec["dtypes"] if d in adapter.dtypes]
+                ]
+                if self.quick:
+                    chosen = tiers.quick(tests, self.specs)
+                    tests = [t for t in tests if t in chosen]
                 for device in self.devices(adapter):
-                    for case_id, spec in self.specs.items():
-                        if not check.applies(spec):
-                            continue
-                        listed = [d for d in spec["dtypes"] if d in adapter.dtypes]
-                        for dtype in self.dtypes or listed:
-                            target = Target(name, adapter.name, device, dtype, case_id)
-                            # An advisory probe reports a finding rather than failing: nothing to declare.
-                            advisory = check.advisory and not self.strict
-                            reason = None if advisory else adapter.divergence(name, spec, dtype, device)
-                            marks = [pytest.mark.xfail(reason=f"declared divergence: {reason}", strict=False)]
-                            out.append(pytest.param(target, id=target.id, marks=marks if reason else []))
+                    for case_id, dtype in tests:
+                        spec = self.specs[case_id]
+                        target = Target(name, adapter.name, device, dtype, case_id)
+                        # An advisory probe reports a finding rather than failing: nothing to declare.
+                        advisory = check.advisory and not self.strict
+                        reason = None if advisory else adapter.divergence(name, spec, dtype, device)
+                        marks = [pytest.mark.xfail(reason=f"declared divergence: {reason}", strict=False)]
+                        out.append(pytest.param(target, id=target.id, marks=marks if reason else []))
         return out
 
     def run(self, target: Target, record: CheckRecord) -> CheckRecord:

@@ -126,7 +126,8 @@ def latest_matrix(runs: list[Run]) -> list[dict[str, Any]]:
     A run may cover a part of the matrix (``--adapter torch-sdpa``, another backend's
     environment, a GPU machine), so the newest run wins cell by cell, never run by run: a
     quick run of one adapter must not hide the others. The host is part of the cell because
-    "cpu" on two machines is two different processors. Each row names its run. Reports
+    "cpu" on two machines is two different processors. Each row names its run and its tier
+    (``quick`` for a ``--quick`` run, whose cells hold fewer tests). Reports
     from before checks and the error outcome existed read as check "golden", 0 errors.
     """
     cells: dict[Cell, dict[str, Any]] = {}
@@ -143,6 +144,7 @@ def latest_matrix(runs: list[Run]) -> list[dict[str, Any]]:
                 "run": run.name,
                 "started": run.started,
                 "commit": run.commit,
+                "tier": "quick" if (run.report.get("run") or {}).get("quick") else "full",
             }
     return [cells[k] for k in sorted(cells)]
 

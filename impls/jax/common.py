@@ -8,15 +8,18 @@ from typing import Any
 
 import numpy as np
 
+from mha_conformance.impls import cache as caches
 from mha_conformance.impls.adapter import Adapter, has_empty_rows, rule_mask  # noqa: F401 (re-exported)
 
 
 def import_jax():
     """JAX with float64 enabled (needed before any float64 array exists; no effect on other dtypes,
-    since every array here is created with an explicit dtype)."""
+    since every array here is created with an explicit dtype) and the suite's persistent
+    compilation cache (``impls/cache.py``: a warm run compiles nothing)."""
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    caches.jax_persistent_cache(jax)
     return jax
 
 

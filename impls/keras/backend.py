@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from mha_conformance.impls import cache
+
 #: The pip extra and the module each Keras backend needs.
 KERAS_BACKENDS = {
     "tensorflow": ("tensorflow", "tensorflow"),
@@ -21,6 +23,7 @@ def import_keras():
 
         # Without x64, JAX silently makes every float64 array float32, and with it a float64 layer.
         jax.config.update("jax_enable_x64", True)
+        cache.jax_persistent_cache(jax)
     import keras
 
     return keras

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from mha_conformance.impls import cache
 from mha_conformance.impls.adapter import Arrays, Divergence, Prepared, Spec, has_empty_rows
 from mha_conformance.impls.onnx.attention import OnnxAttention
 from mha_conformance.impls.onnx.common import OnnxRuntimeAdapter
@@ -50,10 +51,9 @@ FINFO_MIN_MASK = (
 
 
 def cache_dir() -> Path:
-    """Where exported models live: ``$MHA_ONNX_CACHE``, else ``mha-conformance/onnx`` in the user's
-    cache folder (``$XDG_CACHE_HOME``, else ``~/.cache``)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(os.environ.get(CACHE_ENV) or base / "mha-conformance" / "onnx")
+    """Where exported models live: ``$MHA_ONNX_CACHE``, else ``onnx/`` in the suite's cache
+    (``impls/cache.py``)."""
+    return Path(os.environ.get(CACHE_ENV) or cache.root() / "onnx")
 
 
 def import_torch():

@@ -39,33 +39,21 @@ from typing import Any
 
 import numpy as np
 
+from mha_conformance.impls import cache
 from mha_conformance.impls.adapter import Arrays, Prepared, Spec
 from mha_conformance.impls.torch.common import TorchAdapter, input_leaves, merge_and_project, project_heads
 from mha_conformance.impls.torch.convert import import_torch, to_numpy, to_torch
 from mha_conformance.impls.torch.timed import Built, bench_inputs
 
-#: Where compiled code is kept between runs: ``$MHA_CACHE_DIR``, else ``~/.cache/mha-conformance``.
-CACHE_ENV = "MHA_CACHE_DIR"
-
-
-def cache_root() -> Path:
-    """The suite's persistent cache folder (compiled kernels; safe to delete)."""
-    raw = os.environ.get(CACHE_ENV)
-    if raw:
-        return Path(raw)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mha-conformance"
-
 
 def inductor_cache() -> Path:
-    """Point inductor's caches at ``<cache_root>/torchinductor`` (before the first compile) and
-    return it. The suite's ``MHA_CACHE_DIR`` decides: torch writes its own default
-    (``/tmp/torchinductor_<user>``) into ``TORCHINDUCTOR_CACHE_DIR`` the first time anything asks,
-    so that variable cannot tell a user's choice from torch's."""
-    folder = cache_root() / "torchinductor"
-    folder.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-    return folder
+    """Point inductor's caches at ``<cache root>/torchinductor`` (``impls/cache.py``; before the
+    first compile) and return it. The suite's ``MHA_CACHE_DIR`` decides: torch writes its own
+    default (``/tmp/torchinductor_<user>``) into ``TORCHINDUCTOR_CACHE_DIR`` the first time
+    anything asks, so that variable cannot tell a user's choice from torch's."""
+    path = cache.folder("torchinductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
 
 
 def _index(tensor, b, h, q_idx, kv_idx):

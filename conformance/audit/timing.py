@@ -1,0 +1,209 @@
+"""The main job's time, measured: where a run's minutes go, cold and warm, and whether the ways of
+making it faster change any verdict.
+
+``python -m mha_conformance.audit.timing --label NAME [--kind KIND ...] [--out DIR] [--markdown PATH]
+[pytest args: --adapter GLOB ...]`` runs the suite on the given adapters once per kind, in order,
+in one fresh cache folder (``MHA_CACHE_DIR``, so the first run is cold whatever this machine has
+cached; without ``cold`` among the kinds, in this machine's own caches), each in its own process
+as ``nox -s conformance`` runs it:
+
+* ``cold``: empty caches (JAX's executables, inductor's kernels, exported ONNX models);
+* ``warm``: the same command again (what a second ``nox -s conformance`` costs);
+* ``quick``: the quick tier (``--quick``), warm;
+* ``n1`` / ``n2``: warm, over 1 and 2 pytest-xdist workers (``-n 1`` / ``-n 2``).
+
+Each run's JSON report goes to ``DIR/<label>-<kind>.json``; then the tables are rendered from
+every report in ``DIR`` (so one label per backend, each from its own environment, adds up to one
+table: ``nox -s conformance -- --timing``). Exit status 1 when two kinds give any shared test a different verdict
+(a quick test's verdict is the full run's; a warm or parallel run's is the cold serial run's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mha_conformance import __main__ as suite
+from mha_conformance.impls import cache as caches
+from mha_conformance.results.tables import write_markdown
+
+KINDS = {
+    "cold": [],
+    "warm": [],
+    "quick": ["--quick"],
+    "n1": ["-n", "1"],
+    "n2": ["-n", "2"],
+}
+DEFAULT_KINDS = ("cold", "warm", "quick")
+OUT = Path("results/timing")
+
+
+def measure(label: str, kinds: Sequence[str], pytest_args: Sequence[str], out: Path, cache: Path) -> None:
+    """Run the suite once per kind (fresh cache for the first), writing ``out/<label>-<kind>.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MHA_CACHE_DIR": str(cache)}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's cache folder decides
+    for i, kind in enumerate(kinds, 1):
+        report = out / f"{label}-{kind}.json"
+        report.unlink(missing_ok=True)
+        print(f"[{i}/{len(kinds)}] {label}: {kind} run ...", flush=True)
+        args = [
+            "-q",
+            "--no-header",
+            "--tb=no",
+            "-p",
+            "no:randomly",
+            "--label",
+            label,
+            "--report",
+            str(report),
+        ]
+        start = time.monotonic()
+        proc = suite.run([*args, *KINDS[kind], *pytest_args], env=env)
+        if not report.exists():
+            raise SystemExit(
+                f"the {kind} run wrote no report (exit {proc.returncode}):\n"
+                f"{proc.stdout[-3000:]}{proc.stderr[-2000:]}"
+            )
+        run = json.loads(report.read_text())["run"]
+        print(
+            f"    {time.monotonic() - start:.0f} s wall, {run['duration']:.0f} s test time, "
+            f"{run['cache_added']} cache files added",
+            flush=True,
+        )
+
+
+def load(out: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every report in ``out``, by label and kind."""
+    found: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for path in sorted(out.glob("*.json")):
+        label, _, kind = path.stem.rpartition("-")
+        if kind in KINDS:
+            found[label][kind] = json.loads(path.read_text())
+    return dict(found)
+
+
+def verdicts(report: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {t["nodeid"]: (t["outcome"], t["reason"]) for t in report["tests"]}
+
+
+def differences(reports: dict[str, dict[str, Any]]) -> list[str]:
+    """Tests two kinds of one label both ran but judged differently."""
+    kinds = list(reports)
+    out = []
+    base = verdicts(reports[kinds[0]])
+    for kind in kinds[1:]:
+        other = verdicts(reports[kind])
+        for nodeid in sorted(base.keys() & other.keys()):
+            if base[nodeid] != other[nodeid]:
+                out.append(f"{kinds[0]} vs {kind}: {nodeid}: {base[nodeid][0]} vs {other[nodeid][0]}")
+    return out
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def tables(found: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Markdown: per label, each kind's test time and test count; then, for each label's warm
+    (else cold) run, where the test time goes by check and the slowest adapters."""
+    kinds = [k for k in KINDS if any(k in r for r in found.values())]
+    head = "| backend | " + " | ".join(f"{k} (s)" for k in kinds) + " | tests (full / quick) | verdicts |"
+    lines = [head, "|" + " --- |" * (len(kinds) + 3)]
+    totals: dict[str, float] = defaultdict(float)
+    for label, reports in sorted(found.items()):
+        cells = []
+        for kind in kinds:
+            run = reports.get(kind, {}).get("run")
+            added = (run or {}).get("cache_added") or 0
+            cells.append(seconds(run and run["duration"]) + (f" (+{added} cached)" if added > 0 else ""))
+            if run:
+                totals[kind] += run["duration"]
+        full = next((reports[k] for k in ("warm", "cold", "n1", "n2") if k in reports), None)
+        counts = f"{len(full['tests']) if full else '-'} / {len(reports['quick']['tests']) if 'quick' in reports else '-'}"
+        diff = differences(reports)
+        lines.append(
+            f"| {label} | "
+            + " | ".join(cells)
+            + f" | {counts} | {'identical' if not diff else f'{len(diff)} differ'} |"
+        )
+    every = {k: all(k in r for r in found.values()) for k in kinds}  # a sum over every backend only
+    lines.append(
+        "| **all** | " + " | ".join(f"**{totals[k]:.0f}**" if every[k] else "-" for k in kinds) + " | | |"
+    )
+    lines += [
+        "",
+        "Test time is pytest's session (collection, worker start-up and every test), as the run's "
+        "report records it; `cold` starts from empty caches, `warm` is the same command again; "
+        "(+N cached) counts the files a run added to the compilation caches (a warm run adds none).",
+        "",
+        "Where the warm run's test time goes (the tests' own durations summed by check, every "
+        "property and probe under properties; the rest of the session is collection and start-up):",
+        "",
+    ]
+    checks = ["golden", "gradients", "decoding", "properties"]
+    lines.append("| backend | session (s) | " + " | ".join(checks) + " | slowest adapters (s) |")
+    lines.append("|" + " --- |" * (len(checks) + 3))
+    for label, reports in sorted(found.items()):
+        report = reports.get("warm") or reports.get("cold")
+        if report is None:
+            continue
+        by_check: dict[str, float] = defaultdict(float)
+        by_adapter: dict[str, float] = defaultdict(float)
+        for t in report["tests"]:
+            by_check[t["check"] if t["check"] in checks else "properties"] += t["duration"]
+            by_adapter[t["adapter"]] += t["duration"]
+        slow = ", ".join(f"{a} {s:.0f}" for a, s in sorted(by_adapter.items(), key=lambda x: -x[1])[:3])
+        cells = " | ".join(f"{by_check[c]:.0f}" if c in by_check else "-" for c in checks)
+        lines.append(f"| {label} | {report['run']['duration']:.0f} | {cells} | {slow} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mha_conformance.audit.timing", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--label", help="this run's name in the table (nox: the backend)")
+    parser.add_argument(
+        "--kind",
+        action="append",
+        choices=list(KINDS),
+        help=f"runs, in order (default {' '.join(DEFAULT_KINDS)})",
+    )
+    parser.add_argument("--out", type=Path, default=OUT, help=f"the reports' folder (default {OUT})")
+    parser.add_argument("--markdown", type=Path, help="also write the tables, stamped, here")
+    args, pytest_args = parser.parse_known_args(argv)
+    kinds = args.kind or DEFAULT_KINDS
+    if args.label and "cold" in kinds:
+        with tempfile.TemporaryDirectory(prefix="mha-timing-cache-") as fresh:
+            measure(args.label, kinds, pytest_args, args.out, Path(fresh))
+    elif args.label:  # warm runs only: the caches this machine has (each report says what it added)
+        measure(args.label, kinds, pytest_args, args.out, caches.root())
+    found = load(args.out)
+    if not found:
+        print(f"no reports in {args.out}; give --label and the adapters to measure")
+        return 1
+    body = tables(found)
+    print(body)
+    if args.markdown:
+        command = (
+            "nox -s conformance -- --timing (per backend: python -m mha_conformance.audit.timing "
+            f"--out {args.out} --markdown {args.markdown})"
+        )
+        write_markdown(args.markdown, command, body)
+    diff = [f"{label}: {d}" for label, reports in found.items() for d in differences(reports)]
+    for line in diff:
+        print(f"VERDICT DIFFERS: {line}")
+    return 1 if diff else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The main job's speed features change no verdict: the quick tier still kills every mutant,
+a run spread over pytest-xdist workers reports what a serial run reports, and a warm run (JAX's
+persistent compilation cache filled) gives a cold run's verdicts.
+
+Each runs the real suite in a subprocess, as a user would; docs/running.md has the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mha_conformance import __main__ as suite
+from mha_conformance.audit import mutation
+from mha_conformance.checks import CHECKS
+from mha_conformance.execution import tiers
+from mha_conformance.impls.variants import mutants
+from mha_conformance.vectors import golden
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+SPECS = {c: golden.load_case(c).spec for c in golden.read_manifest()["cases"]}
+
+
+def every_test(check: str) -> list[tuple[str, str]]:
+    return [(c, d) for c, spec in SPECS.items() if CHECKS[check].applies(spec) for d in spec["dtypes"]]
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+def test_quick_tier_covers_every_axis_and_dtype_in_a_fraction(check):
+    tests = every_test(check)
+    chosen = tiers.cover(tests, SPECS)
+    assert {a for c, _ in tests for a in tiers.axes(SPECS[c])} == {
+        a for c, _ in chosen for a in tiers.axes(SPECS[c])
+    }
+    assert {d for _, d in tests} == {d for _, d in chosen}
+    assert chosen == tiers.cover(tests, SPECS)  # deterministic: the same tests on every machine
+    if len(tests) > 100:  # the big checks: about a tenth
+        assert len(chosen) <= 0.15 * len(tests), (len(chosen), len(tests))
+
+
+def test_quick_tier_kills_every_mutant():
+    """Every shipped mutant dies in the quick tier too, and the correct twin passes it."""
+    result = mutation.run(["--quick"])
+    assert result.score == (len(mutants.MUTANTS), len(mutants.MUTANTS)), mutation.format_table(result)
+    assert result.twin_passes, mutation.format_table(result)
+    quick_tests = sum(result.twin.counts.values())
+    assert 0 < quick_tests <= 0.15 * sum(len(every_test(c)) for c in CHECKS)
+
+
+def outcomes(report: Path) -> dict[str, tuple]:
+    """Each test's verdict as the report gives it: outcome, reason and the figures."""
+    tests = json.loads(report.read_text())["tests"]
+    return {
+        t["nodeid"]: (t["outcome"], t["reason"], json.dumps(t["verdicts"], sort_keys=True)) for t in tests
+    }
+
+
+def test_a_run_over_xdist_workers_reports_what_a_serial_run_reports(tmp_path):
+    """``-n 2``: the same tests with the same verdicts (failures and skips included), one report,
+    one history file and the summary table, written by the controller alone."""
+    adapters = [mutants.Correct, mutants.CausalOffByOne, mutants.NanEmptyRows]
+    args = ["--quick", "-p", "no:randomly"]
+    args += [a for cls in adapters for a in ("--adapter", mutants.ref(cls))]
+    runs = {}
+    for name, extra in (("serial", []), ("xdist", ["-n", "2"])):
+        report, history = tmp_path / f"{name}.json", tmp_path / f"{name}-history"
+        done = suite.run([*args, *extra, "--report", str(report), "--history", str(history)])
+        assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # the mutants fail
+        assert "mha-conformance summary" in done.stdout
+        assert len(list(history.iterdir())) == 1
+        runs[name] = outcomes(report)
+        assert json.loads(report.read_text())["run"]["xdist_workers"] == (2 if extra else 0)
+    assert runs["xdist"] == runs["serial"]
+    assert {o for o, _, _ in runs["serial"].values()} >= {"passed", "failed", "skipped"}
+
+
+def test_a_warm_parallel_run_gives_a_cold_serial_runs_verdicts(tmp_path):
+    """JAX's persistent compilation cache (impls/cache.py) in a fresh ``MHA_CACHE_DIR``: the
+    cold serial run fills it, the warm run over two xdist workers compiles nothing new (the cache
+    gains no entry) and gives the same verdicts."""
+    pytest.importorskip("jax")
+    env = dict(os.environ, MHA_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    args = ["--quick", "--adapter", "jax-sdpa"]
+    entries = []
+    runs = []
+    for name, extra in (("cold", []), ("warm", ["-n", "2"])):
+        report = tmp_path / f"{name}.json"
+        done = suite.run([*args, *extra, "--report", str(report)], env=env)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        runs.append(outcomes(report))
+        entries.append(sorted(p.name for p in (tmp_path / "cache" / "jax").iterdir()))
+    assert runs[0] == runs[1]
+    assert len(entries[0]) > 10  # the cold run compiled and kept its executables
+    assert entries[1] == entries[0]  # the warm run found every one of them
+
+
+def test_timing_tables_flag_a_changed_verdict(tmp_path):
+    """``nox -s conformance -- --timing``'s tables come from the reports it wrote, and a test two kinds judge
+    differently is a difference (exit 1), whatever the kinds."""
+    from mha_conformance.audit import timing
+
+    def write(kind: str, outcome: str, duration: float, added: int) -> None:
+        tests = [
+            {
+                "nodeid": "t[a]",
+                "check": "golden",
+                "adapter": "x",
+                "duration": 1.0,
+                "outcome": "passed",
+                "reason": "",
+            },
+            {
+                "nodeid": "t[b]",
+                "check": "gradients",
+                "adapter": "x",
+                "duration": 2.0,
+                "outcome": outcome,
+                "reason": "",
+            },
+        ]
+        run = {"duration": duration, "cache_added": added}
+        (tmp_path / f"jax-{kind}.json").write_text(json.dumps({"run": run, "tests": tests}))
+
+    write("cold", "passed", 30.0, 120)
+    write("warm", "passed", 10.0, 0)
+    assert timing.main(["--out", str(tmp_path), "--markdown", str(tmp_path / "t.md")]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "| jax | 30 (+120 cached) | 10 | 2 / - | identical |" in table
+    write("quick", "failed", 2.0, 0)
+    assert timing.main(["--out", str(tmp_path)]) == 1
+    assert timing.differences(timing.load(tmp_path)["jax"]) == ["cold vs quick: t[b]: passed vs failed"]
