@@ -13,20 +13,28 @@ make calls long enough to time, and the attention part grows with the sequence.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from mha_conformance.checks.skeleton import output_problems
+from mha_conformance.impls import cache as caches
 from mha_conformance.impls import error_model, reference, registry
 from mha_conformance.impls.adapter import refusal, rule_mask
 from mha_conformance.impls.bench import Bench, bench_threads
@@ -91,6 +99,22 @@ CPU_CAUSALITY = {"gpt": True, "transformer": False, "gemma2": True, "alibi": Tru
 PEAK_N = {"cpu": 2048, "cuda": 8192, "mps": 4096}
 
 
+#: Modules the forkserver imports before it forks, comma-separated (the runner sets it from the
+#: plan with :func:`preload_modules`); empty: nothing, each benchmark imports what it needs.
+PRELOAD_ENV = "MHA_BENCH_PRELOAD"
+#: What each adapter's timed path imports, by adapter-name glob (every matching glob counts).
+PRELOADS: dict[str, tuple[str, ...]] = {
+    "torch-*": ("torch",),
+    "torch-flex*": ("torch.nn.attention.flex_attention",),
+    "torch-flex-compiled": ("torch._dynamo", "torch._inductor.compile_fx"),
+    "jax-*": ("jax",),
+    "flax-*": ("jax", "flax.nnx"),
+    "keras-*": ("keras",),
+    "onnx-*": ("onnx", "onnxruntime"),
+    "onnx-export*": ("torch", "torch.onnx", "onnxscript"),
+}
+
+
 class WrongResult(AssertionError):
     """The benchmarked configuration computes the wrong attention: no timing is posted."""
 
@@ -98,6 +122,45 @@ class WrongResult(AssertionError):
 def device() -> str:
     """The device the benchmarks run on, from ``MHA_BENCH_DEVICE`` (default cpu)."""
     return os.environ.get(DEVICE_ENV, "") or "cpu"
+
+
+def preload_modules(adapter_names: list[str]) -> list[str]:
+    """The modules to import once before forking for these adapters (:data:`PRELOADS`)."""
+    found: list[str] = []
+    for name in adapter_names:
+        for pattern, modules in PRELOADS.items():
+            if fnmatchcase(name, pattern):
+                found += [m for m in modules if m not in found]
+    return found
+
+
+def preload() -> list[str]:
+    """In asv's forkserver, import the modules named in ``MHA_BENCH_PRELOAD``; return them.
+
+    The forkserver imports the suite once and forks a process per benchmark: what is imported
+    here is loaded in every benchmark for free (torch costs 1-2 s per process, and a
+    configuration takes five processes). Importing runs no operation, so no framework has
+    started a thread pool or a device runtime that a fork would break; the runner sets the
+    variable only for devices and frameworks that run under the forkserver (``runner.py``).
+    Keras and JAX go through the suite's own importers, which configure them (the Keras backend,
+    float64, the compilation cache) before anything runs. asv's discovery process, and a
+    benchmark started by ``spawn``, import nothing here: they would pay for it and gain nothing.
+    """
+    if sys.argv[1:2] != ["run_server"]:  # asv's benchmark.py run_server DIR SOCKET
+        return []
+    names = [n.strip() for n in os.environ.get(PRELOAD_ENV, "").split(",") if n.strip()]
+    for name in names:
+        if name == "keras":
+            from mha_conformance.impls.keras.backend import import_keras
+
+            import_keras()
+        elif name == "jax":
+            from mha_conformance.impls.jax.common import import_jax
+
+            import_jax()
+        else:
+            importlib.import_module(name)
+    return names
 
 
 def config_spec(shape: str, causal: bool) -> dict[str, Any]:
@@ -162,15 +225,66 @@ def plan_skip(shape: str, dtype: str, causal: bool, dev: str) -> str | None:
     return None
 
 
-def gate(bench: Bench, inputs: dict[str, np.ndarray], spec: dict[str, Any], dtype: str, label: str) -> float:
-    """Check the configuration against the float64 reference before anything is timed.
+#: Inputs that take longer than this to build are kept on disk (:func:`inputs_of`).
+SLOW_INPUTS_SECONDS = 0.5
 
-    The tolerance is the suite's rule (``conformance/tolerance.py``) with the baseline of
-    the ensemble of valid algorithms emulated in the benchmark's dtype. To stay cheap at long
-    sequences only the first and last ``GATE_ROWS // 2`` queries of batch row 0 are
-    recomputed: the causal rule, the window and the key lengths become an explicit mask for
-    those rows and the bias keeps their rows, so every key they may see is still checked.
-    Returns the error ratio; raises :class:`WrongResult`.
+
+def inputs_of(spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``build_inputs(spec)``: the configuration's seeded inputs, the same on every machine.
+
+    Every benchmark process needs them, and a few take seconds to build (ALiBi's bias at 2048
+    tokens, 8 x 2048 x 2048 values rounded to bfloat16: 2 s on two cores, in each of a
+    configuration's processes). Those (over ``SLOW_INPUTS_SECONDS``) are kept in the suite's cache
+    (``inputs/``, safetensors) under a digest of the spec and of the source of the modules that
+    build them, so a changed generator is a new file, never a stale input.
+    """
+    path = _inputs_path(spec)
+    if path.is_file():
+        try:
+            return dict(safetensors.numpy.load_file(path))
+        except (OSError, ValueError, safetensors.SafetensorError):
+            pass  # unreadable: built again (and replaced) below
+    t0 = time.perf_counter()
+    built = build_inputs(spec)
+    if time.perf_counter() - t0 > SLOW_INPUTS_SECONDS:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in built.items()}, tmp)
+        os.replace(tmp, path)
+    return built
+
+
+def _inputs_path(spec: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(np.__version__.encode())
+    for module in (reference, sys.modules[build_inputs.__module__]):
+        digest.update(Path(inspect.getsourcefile(module) or "").read_bytes())
+    digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    return caches.root() / "inputs" / f"{spec['id']}-{digest.hexdigest()[:32]}.safetensors"
+
+
+@dataclass
+class GateReference:
+    """What the gate compares a configuration's output with: the float64 truth of the checked
+    rows, the ensemble's baseline in the dtype and the error scale (the tolerance's floor)."""
+
+    rows: np.ndarray  # the checked query rows of batch row 0
+    truth: np.ndarray  # [1, len(rows), d_out], float64
+    baseline: float
+    error_scale: dict[str, float]
+    stored: bool = False  # read from the store rather than computed
+
+
+def gate_reference(inputs: dict[str, np.ndarray], spec: dict[str, Any], dtype: str) -> GateReference:
+    """The reference side of the gate for the first and last ``GATE_ROWS // 2`` queries of batch
+    row 0: the causal rule, the window and the key lengths become an explicit mask for those rows
+    and the bias keeps their rows, so every key they may see is still checked.
+
+    Computing it is most of a gate's cost (the ensemble's emulations project every key: 9 s at
+    2048 tokens on two cores) and it depends on nothing an adapter does, so it is kept on disk
+    (``gate/`` in the suite's cache, ``impls/cache.py``) under a digest of exactly what it is
+    computed from: the sliced inputs, the sub-spec, the dtype, and the source of the modules that
+    compute it with the NumPy version. Every adapter, run and backend then shares one
+    computation, and a changed input or reference is a new key, never a stale answer.
     """
     tq = spec["q_len"]
     rows = np.unique(np.r_[np.arange(min(GATE_ROWS // 2, tq)), np.arange(max(tq - GATE_ROWS // 2, 0), tq)])
@@ -188,20 +302,102 @@ def gate(bench: Bench, inputs: dict[str, np.ndarray], spec: dict[str, Any], dtyp
     if "attn_bias" in tensors:
         tensors["attn_bias"] = tensors["attn_bias"][:1, :, rows]
         sub["attn_bias"] = {**spec["attn_bias"], "shape": list(tensors["attn_bias"].shape)}
+    path = _gate_cache_path(tensors, sub, dtype)
+    stored = _read_gate_reference(path)
+    if stored is not None:
+        return GateReference(rows, *stored, stored=True)
     truth = reference.forward(tensors, sub)
     baseline = ensemble_errors(tensors, sub, dtype, {"output": truth.output})[0]["output"]
+    error_scale = error_model.case_error_scales(tensors, sub, None, [])["output"]
+    found = GateReference(rows, np.asarray(truth.output, np.float64), float(baseline), error_scale)
+    _write_gate_reference(path, found)
+    return found
+
+
+@cache
+def _reference_code_digest() -> str:
+    """The source of the modules that compute the gate's reference side, with NumPy's version."""
+    digest = hashlib.sha256(np.__version__.encode())
+    for module in (reference, error_model, sys.modules[ensemble_errors.__module__]):
+        digest.update(Path(inspect.getsourcefile(module) or "").read_bytes())
+    return digest.hexdigest()
+
+
+def _gate_cache_path(tensors: dict[str, np.ndarray], sub: dict[str, Any], dtype: str) -> Path:
+    digest = hashlib.sha256(_reference_code_digest().encode())
+    digest.update(json.dumps([GATE_ROWS, dtype, sub], sort_keys=True, default=str).encode())
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
+        digest.update(array.tobytes())
+    return gate_store() / f"{sub['id']}-{dtype}-{digest.hexdigest()[:32]}.json"
+
+
+def gate_store() -> Path:
+    """Where the gate's reference sides are kept: ``gate/`` in the suite's cache (safe to delete)."""
+    return caches.root() / "gate"
+
+
+def _read_gate_reference(path: Path) -> tuple[np.ndarray, float, dict[str, float]] | None:
+    """A stored reference side (JSON), or None when absent or unreadable (then recomputed)."""
+    try:
+        data = json.loads(path.read_text())
+        truth = np.asarray(data["truth"], np.float64).reshape(data["shape"])
+        scale = {str(k): float(v) for k, v in data["error_scale"].items()}
+        return truth, float(data["baseline"]), scale
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write_gate_reference(path: Path, ref: GateReference) -> None:
+    data = {
+        "shape": list(ref.truth.shape),
+        "truth": ref.truth.ravel().tolist(),  # repr floats: read back bit for bit
+        "baseline": ref.baseline,
+        "error_scale": ref.error_scale,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def store_gate_references(configurations: list[list[Any]]) -> tuple[int, int]:
+    """Compute and store the gate's reference side of each distinct shape, causality and dtype
+    among ``configurations`` (``[adapter, shape, dtype, causal]``) that is not stored yet:
+    ``(computed, already stored)``. The runner calls it before asv starts, so no benchmark
+    process computes a reference: its time and memory would otherwise land in the first
+    process of each configuration (``peakmem_forward``'s)."""
+    computed = stored = 0
+    for shape, dtype, causal in sorted({(s, d, bool(c)) for _, s, d, c in configurations}):
+        spec = config_spec(shape, causal)
+        found = gate_reference(inputs_of(spec), spec, dtype)
+        stored += found.stored
+        computed += not found.stored
+    return computed, stored
+
+
+def gate(bench: Bench, inputs: dict[str, np.ndarray], spec: dict[str, Any], dtype: str, label: str) -> float:
+    """Check the configuration against the float64 reference before anything is timed.
+
+    The tolerance is the suite's rule (``conformance/tolerance.py``) with the baseline of
+    the ensemble of valid algorithms emulated in the benchmark's dtype, on the rows of
+    :func:`gate_reference`; the whole output is checked for its shape, dtype and finite values.
+    Returns the error ratio; raises :class:`WrongResult`.
+    """
+    ref = gate_reference(inputs, spec, dtype)
     actual = bench.to_numpy(bench.forward())
     bench.sync()
     problems = output_problems({"output": actual}, spec, dtype)
     if problems:
         raise WrongResult(f"{label}: {'; '.join(problems)}; no timing is posted")
     verdict = judge(
-        actual[:1, rows],
-        truth.output,
+        actual[:1, ref.rows],
+        ref.truth,
         tensor="output",
         dtype=dtype,
-        baseline=baseline,
-        error_scale=error_model.case_error_scales(tensors, sub, None, [])["output"],
+        baseline=ref.baseline,
+        error_scale=ref.error_scale,
         k=DEFAULT_K,
     )
     if not verdict.passed:
@@ -261,9 +457,31 @@ def cached_config(key: str) -> dict[str, Any] | None:
     return entry if entry.get("status") == "ok" else None
 
 
+#: How the ``time_`` benchmarks sample: each sample times as many calls as add up to about
+#: SAMPLE_SECONDS (at most MAX_NUMBER; :func:`calls_per_sample`), and asv takes REPEAT = (at least,
+#: at most, stop after seconds) samples.
+SAMPLE_SECONDS = 0.1
+MAX_NUMBER = 16
+REPEAT = (5, 12, 0.5)
+
+
+def calls_per_sample(call_seconds: float) -> int:
+    """asv's ``number`` for a timed body whose one call took ``call_seconds``.
+
+    On a shared two-core machine a single 15 ms call is easily stretched by another process's
+    time slice; a sample of several calls (asv times each and adds them up) averages that out,
+    which is what keeps IQR / median within a few percent (docs/benchmarks.md). A call of
+    SAMPLE_SECONDS or more is its own sample. What is measured does not change: asv reports the
+    time of one call, and every sample is still the timed body alone.
+    """
+    if not call_seconds > 0:
+        return 1
+    return max(1, min(MAX_NUMBER, round(SAMPLE_SECONDS / call_seconds)))
+
+
 @dataclass
 class Configuration:
-    """One benchmarked configuration, built and checked once per process."""
+    """One benchmarked configuration, built once per process (and gated once per run)."""
 
     key: str
     label: str
@@ -273,6 +491,8 @@ class Configuration:
     framework: str
     bench: Bench
     durations: list[float] = field(default_factory=list)
+    estimate: float | None = None  # seconds of one warm forward call (:meth:`call_seconds`)
+    warm: bool = False  # the forward has run in this process
 
     @property
     def flops(self) -> float:
@@ -282,6 +502,13 @@ class Configuration:
         """The timed body: one forward pass, then wait for the device."""
         self.bench.forward()
         self.bench.sync()
+
+    def call_seconds(self) -> float:
+        """Seconds of one warm forward call (:func:`calibrate`, once per process)."""
+        if self.estimate is None:
+            self.estimate = calibrate(self.forward, self.warm)
+            self.warm = True
+        return self.estimate
 
     def forward_recorded(self) -> None:
         """``forward`` that also keeps its own duration (two clock reads, ~0.1 us), so the
@@ -301,8 +528,14 @@ class Configuration:
 def configuration(adapter_name: str, shape: str, dtype: str, causal: bool, dev: str) -> Configuration:
     """Build (once per process: asv re-runs ``setup`` between samples) and gate a configuration.
 
+    The first process of a configuration in a run gates it before anything is timed (the
+    reference side comes from :func:`gate_reference`'s store, so a gate costs one forward pass)
+    and records the verdict in the run cache; the later ones build the same module from the same
+    inputs and find the verdict there.
+
     Raises NotImplementedError (asv's skip) for what cannot run here, WrongResult for a
-    kernel that computes the wrong thing; both are recorded in the run cache.
+    kernel that computes the wrong thing; both are recorded in the run cache, so later
+    processes of the run skip or fail without building.
     """
     key = config_key(adapter_name, shape, dtype, causal, dev)
     label = f"{adapter_name} {shape} {dtype} causal={causal} on {dev}"
@@ -313,27 +546,21 @@ def configuration(adapter_name: str, shape: str, dtype: str, causal: bool, dev: 
     if reason:
         update_run_cache("configs", key, {"status": "skip", "reason": f"{label}: {reason}"})
         raise NotImplementedError(f"{label}: {reason}")
-    inputs = build_inputs(spec)  # seeded by the spec id: the same inputs on every machine
+    inputs = inputs_of(spec)  # seeded by the spec id: the same inputs on every machine
     cast = {k: v if v.dtype == np.bool_ else v.astype(NUMPY_DTYPES[dtype]) for k, v in inputs.items()}
     bench = adapter.bench(cast, spec, dtype, dev)
     framework = adapter.framework or adapter_name
+    config = Configuration(key, label, spec, dtype, dev, framework, bench)
     if known is None:  # not yet gated in this run
         try:
             ratio = gate(bench, inputs, spec, dtype, label)
         except WrongResult as exc:
             update_run_cache("configs", key, {"status": "wrong", "reason": str(exc)})
             raise
-        update_run_cache(
-            "configs",
-            key,
-            {
-                "status": "ok",
-                "gate_ratio": ratio,
-                "framework": framework,
-                "backward": bench.make_backward is not None,
-            },
-        )
-    return Configuration(key, label, spec, dtype, dev, framework, bench)
+        config.warm = True  # the gate ran the forward
+        record = {"status": "ok", "gate_ratio": ratio, "framework": framework, "meta": bench.meta}
+        update_run_cache("configs", key, {**record, "backward": bench.make_backward is not None})
+    return config
 
 
 @cache
@@ -407,11 +634,27 @@ def measure_peak(config: Configuration) -> float:
         sync()
 
     once()
-    best = min(_timed(once) for _ in range(5))
+    best = min(timed(once) for _ in range(5))
     return 2.0 * n**3 / best / 1e9
 
 
-def _timed(fn: Callable[[], None]) -> float:
+def calibrate(fn: Callable[[], None], warm: bool) -> float:
+    """Seconds of one warm call of ``fn``, the calls spent on it also warming the process up.
+
+    Call ``fn`` once, timed. That is the answer if ``fn`` had already run in this process
+    (``warm``), or if the call took between SAMPLE_SECONDS and 1 s (such a call is its own sample
+    either way). A shorter first call, or a longer one (a compile or a trace on first use), is
+    followed by a second timed call, the answer: a short call costs little, and a compile must not
+    set the sampling.
+    """
+    first = timed(fn)
+    if warm or SAMPLE_SECONDS <= first <= 1.0:
+        return first
+    return timed(fn)
+
+
+def timed(fn: Callable[[], None]) -> float:
+    """Seconds one call of ``fn`` takes."""
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0

@@ -1,18 +1,24 @@
 """One ``nox -s benchmarks`` run on one device: plan, machine, asv, summary (a CLI).
 
-``python -m benchmarks.runner --device cpu --adapter 'torch-*' [asv run arguments]``
+``python -m benchmarks.runner --device cpu --adapter 'torch-*' [--shape GLOB] [asv run arguments]``
 
 * **Plan**: the ``--bench`` regexes that select exactly the configurations that can run
-  here (asv starts a process per configuration even to skip it, so selecting up front is
-  what keeps the CPU matrix within minutes).
+  here (asv starts a process per benchmark and configuration even to skip it, so selecting up
+  front is what keeps the CPU matrix within minutes).
 * **Machine**: ``<host>-<device>``, registered with ``asv machine`` with the CPU or GPU
   name and the thread count the run fixes: asv records no GPU, so the device is part of
   the machine name and results of different devices never mix.
-* **Run**: ``asv run --python=same`` in this environment; with a clean git tree it records
-  history (``--set-commit-hash HEAD``), otherwise it runs without saving and says so.
-  Table rows of unselected parameters (asv prints every combination) are left out.
+* **Gate references**: the reference side of every configuration's correctness gate is
+  computed and stored before asv starts (``common.store_gate_references``), so no benchmark
+  process spends time or memory on it.
+* **Run**: ``asv run --python=same`` in this environment, with the launch method of
+  :func:`launch_method` (``forkserver`` on a CPU, the environment's frameworks imported once
+  before the fork: ``MHA_BENCH_PRELOAD``); with a clean git tree it records history
+  (``--set-commit-hash HEAD``), otherwise it runs without saving and says so. Table rows of
+  unselected parameters (asv prints every combination) are left out.
 * **Summary**: every configuration's status, median forward time and gate ratio, from the
-  run cache (``.asv/runs/<machine>-<time>.json``, which stays as the run's log).
+  run cache (``.asv/runs/<machine>-<time>.json``, which stays as the run's log), and, when
+  results were recorded, the spread of this run's timings (``benchmarks/spread.py``).
 """
 
 from __future__ import annotations
@@ -31,17 +37,40 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from . import common
+from . import common, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = r"bench_attention\.(Forward|Gradients|Roofline)\."
 #: asv prints a table row per parameter combination; unselected ones end in n/a.
 NOISE = re.compile(r"^\s*(\S+\s+){4}n/a\s*$")
+#: Frameworks whose benchmarks may not run in a process forked from asv's forkserver (see
+#: :func:`launch_method`); empty while every framework here tolerates it.
+NO_FORK: dict[str, str] = {}
 
 
 def param_regex(adapter: str, shape: str, dtype: str, causal: bool) -> str:
     """A regex matching asv's name of one parameter combination (``name('a', 's', 'd', True)``)."""
     return BENCHMARKS + r"\w+\(" + re.escape(f"'{adapter}', '{shape}', '{dtype}', {causal}") + r"\)"
+
+
+def launch_method(adapters: list[Any], device: str) -> tuple[str, str]:
+    """asv's launch method for a run of ``adapters`` on ``device``, and why.
+
+    ``forkserver`` on a CPU: asv imports the suite once (with the frameworks,
+    ``common.preload``) and forks a process per benchmark, instead of starting a Python and
+    importing the framework for each (``spawn``). That is safe where the parent only imported
+    modules: no framework has started a thread pool or a runtime before the fork, and each
+    benchmark sets its threads and builds its module in its own process, as under ``spawn``.
+    ``spawn`` on a GPU (a CUDA or MPS runtime must never be inherited through a fork, and the
+    frameworks' import-time probing of devices is not proven fork-safe there) and for any
+    framework listed in :data:`NO_FORK`.
+    """
+    if device != "cpu":
+        return "spawn", f"{device}: a device runtime is never shared with a forked process"
+    frameworks = sorted({a.framework or a.name for a in adapters} & set(NO_FORK))
+    if frameworks:
+        return "spawn", "; ".join(f"{f}: {NO_FORK[f]}" for f in frameworks)
+    return "forkserver", "CPU frameworks imported once, before the fork; nothing runs before it"
 
 
 def default_dtypes(device: str) -> list[str]:
@@ -51,9 +80,12 @@ def default_dtypes(device: str) -> list[str]:
     return ["float32"] if device == "cpu" else list(common.DTYPES)
 
 
-def plan(device: str, patterns: list[str], dtypes: list[str] | None = None) -> dict[str, Any]:
+def plan(
+    device: str, patterns: list[str], dtypes: list[str] | None = None, shapes: list[str] | None = None
+) -> dict[str, Any]:
     """The machine and the selection for ``device``, the built-in adapters matching
-    ``patterns`` and ``dtypes`` (default :func:`default_dtypes`)."""
+    ``patterns``, ``dtypes`` (default :func:`default_dtypes`) and the shapes matching ``shapes``
+    (globs, default every shape)."""
     from mha_conformance.impls import registry
     from mha_conformance.impls.adapter import Adapter, cpu_name, refusal
     from mha_conformance.impls.bench import bench_threads
@@ -62,16 +94,26 @@ def plan(device: str, patterns: list[str], dtypes: list[str] | None = None) -> d
     runnable = [a for a in adapters if not a.missing()]
     untimed = [a.name for a in runnable if type(a).bench is Adapter.bench]  # no timed path yet
     runnable = [a for a in runnable if a.name not in untimed]
-    selected, skipped = [], Counter()
+    selected, skipped, selected_adapters, configurations = [], Counter(), set(), []
     dtypes = dtypes or default_dtypes(device)
-    for a, shape, dtype, causal in itertools.product(runnable, common.SHAPES, dtypes, common.CAUSAL):
+    chosen = [s for s in common.SHAPES if any(fnmatchcase(s, g) for g in shapes or ["*"])]
+    for a, shape, dtype, causal in itertools.product(runnable, chosen, dtypes, common.CAUSAL):
         spec = common.config_spec(shape, causal)
         reason = common.plan_skip(shape, dtype, causal, device) or refusal(a, spec, dtype, device)
         if reason:
             skipped[f"{a.name}: {reason}" if "on CPU" not in reason else reason] += 1
         else:
             selected.append(param_regex(a.name, shape, dtype, causal))
+            selected_adapters.add(a.name)
+            configurations.append([a.name, shape, dtype, causal])
     reachable = [a for a in runnable if not a.device_unavailable(device)]
+    timed = [a for a in runnable if a.name in selected_adapters]
+    method, why = launch_method(timed, device)
+    # The preload is the environment's (every installed adapter with a timed path), not the
+    # selection's: it is part of every benchmark process, so peakmem_forward must not move
+    # with the --adapter patterns of a run.
+    installed = [registry.builtin(n) for n in common.ADAPTERS]
+    environment = [a.name for a in installed if not a.missing() and type(a).bench is not Adapter.bench]
     hardware = reachable[0].device_name(device) if reachable else cpu_name()
     threads = bench_threads()
     return {
@@ -88,7 +130,11 @@ def plan(device: str, patterns: list[str], dtypes: list[str] | None = None) -> d
         "missing": {a.name: a.missing() for a in adapters if a.missing()},
         "untimed": untimed,
         "bench": selected,
+        "configurations": configurations,
         "skipped": dict(skipped),
+        "launch_method": method,
+        "launch_method_why": why,
+        "preload": common.preload_modules(environment) if method == "forkserver" else [],
     }
 
 
@@ -146,9 +192,11 @@ def summary(cache: dict[str, Any]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-def run(device: str, patterns: list[str], dtypes: list[str], asv_args: list[str]) -> int:
+def run(
+    device: str, patterns: list[str], dtypes: list[str], asv_args: list[str], shapes: list[str] | None = None
+) -> int:
     """Plan, register the machine, run asv with the output filtered, print the summary."""
-    p = plan(device, patterns, dtypes)
+    p = plan(device, patterns, dtypes, shapes)
     print(
         f"benchmarks: machine {p['machine']} ({p['machine_info']['cpu']}), adapters {', '.join(p['adapters'])}"
     )
@@ -168,22 +216,25 @@ def run(device: str, patterns: list[str], dtypes: list[str], asv_args: list[str]
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    commit = clean_head()
+    given = asv_args[asv_args.index("--set-commit-hash") + 1 :][:1] if "--set-commit-hash" in asv_args else []
+    commit = given[0] if given else clean_head()
     quick = "--quick" in asv_args or "-q" in asv_args
-    record = ["--set-commit-hash", commit] if commit and not quick else []
-    print(
-        f"benchmarks: {len(p['bench'])} configurations; "
-        + (
-            f"recording history for commit {commit[:12]} in .asv/results/{p['machine']}/"
-            if record
-            else "NOT recording history ("
-            + (
-                "--quick"
-                if quick
-                else "the work tree has uncommitted changes; commit them to record results for a commit"
-            )
-            + ")"
+    record = ["--set-commit-hash", commit] if commit and not quick and not given else []
+    if quick:
+        recording = "NOT recording history (--quick)"
+    elif commit:
+        recording = f"recording history for commit {commit[:12]} in .asv/results/{p['machine']}/"
+    else:
+        recording = (
+            "NOT recording history (the work tree has uncommitted changes; "
+            "commit them to record results for a commit)"
         )
+    print(f"benchmarks: {len(p['bench'])} configurations; {recording}")
+    t0 = time.time()
+    computed, stored = common.store_gate_references(p["configurations"])
+    print(
+        f"benchmarks: gate references: {computed} computed, {stored} already stored "
+        f"({time.time() - t0:.0f} s; {common.gate_store()})"
     )
     cache_file = (
         ROOT / ".asv" / "runs" / f"{p['machine']}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
@@ -191,8 +242,12 @@ def run(device: str, patterns: list[str], dtypes: list[str], asv_args: list[str]
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MHA_BENCH_DEVICE=device, MHA_BENCH_THREADS=str(p["threads"]))
     env[common.RUN_CACHE_ENV] = str(cache_file)
+    env[common.PRELOAD_ENV] = ",".join(p["preload"])
+    launch = [] if "--launch-method" in asv_args else ["--launch-method", p["launch_method"]]
+    if launch:
+        print(f"benchmarks: launch method {p['launch_method']} ({p['launch_method_why']})")
     selection = [a for regex in p["bench"] for a in ("--bench", regex)]
-    cmd = ["asv", "run", "--python=same", "--machine", p["machine"], *record, *selection, *asv_args]
+    cmd = ["asv", "run", "--python=same", "--machine", p["machine"], *launch, *record, *selection, *asv_args]
     started = time.time()
     with subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -203,6 +258,18 @@ def run(device: str, patterns: list[str], dtypes: list[str], asv_args: list[str]
                 print(line, end="", flush=True)
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     print(summary(cache))
+    written = [
+        f
+        for f in spread.results_files([ROOT / ".asv" / "results" / p["machine"]])
+        if f.stat().st_mtime >= started
+    ]
+    mine = {tuple(map(str, c)) for c in p["configurations"]}  # a results file keeps earlier runs too
+    spreads = [s for f in written for s in spread.read_spreads(f) if s.values in mine]
+    if spreads:
+        print(
+            f"benchmarks: spread (IQR / median) of this run's timings, {', '.join(f.name for f in written)}:"
+        )
+        print(spread.format_summary(spread.summarize(spreads)))
     print(
         f"benchmarks: asv exited {proc.returncode} after {time.time() - started:.0f} s; run log {cache_file.relative_to(ROOT)}"
     )
@@ -224,14 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         choices=common.DTYPES,
         help="dtypes to measure (default float32 on cpu, all elsewhere)",
     )
+    parser.add_argument(
+        "--shape", action="append", default=[], help=f"glob on shape names ({', '.join(common.SHAPES)})"
+    )
     parser.add_argument("--plan", action="store_true", help="print the plan as JSON and stop")
     args, asv_args = parser.parse_known_args(argv)
     patterns = args.adapter or ["*"]
     targets = devices(patterns) if args.device == "all" else [args.device]
     if args.plan:
-        print(json.dumps({d: plan(d, patterns, args.dtype) for d in targets}, indent=1))
+        print(json.dumps({d: plan(d, patterns, args.dtype, args.shape) for d in targets}, indent=1))
         return 0
-    return max(run(d, patterns, args.dtype, asv_args) for d in targets)
+    return max(run(d, patterns, args.dtype, asv_args, args.shape) for d in targets)
 
 
 if __name__ == "__main__":
