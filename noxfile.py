@@ -150,9 +150,10 @@ def tests(session: nox.Session) -> None:
 @nox.parametrize("backend", list(BACKENDS))
 def benchmarks(session: nox.Session, backend: str) -> None:
     """Time one backend's adapters with asv (``asv run --python=same``; docs/benchmarks.md). ``-- --device cuda|mps|all`` (default cpu), ``-- --adapter GLOB``, ``-- --quick``
-    for a smoke run; other arguments reach asv. Only a clean tree records history in .asv/results/."""
+    for a smoke run, ``-- --markdown PATH`` to render the commit's measured table after the run; other
+    arguments reach asv. Only a clean tree records history in .asv/results/."""
     args = backend_env(session, backend, "bench")
-    session.run("python", "-m", "benchmarks.runner", *args)
+    session.run("python", "-m", "benchmarks.runner", "--label", backend, *args)
 
 
 @nox.session

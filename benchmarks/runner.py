@@ -37,7 +37,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from . import common, spread
+from . import common, measured, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = r"bench_attention\.(Forward|Gradients|Roofline)\."
@@ -160,10 +160,16 @@ def _memory() -> str:
 
 
 def clean_head() -> str | None:
-    """HEAD's full hash when the work tree is clean (results then belong to that commit), else None."""
+    """HEAD's full hash when the work tree is clean (results then belong to that commit), else None.
+    Generated documentation does not count: a run's own ``--markdown`` table lands there, and the
+    next backend's run of the same commit must still record."""
     try:
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True
+            ["git", "status", "--porcelain", "--", ".", ":!docs/generated"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
@@ -193,9 +199,16 @@ def summary(cache: dict[str, Any]) -> str:
 
 
 def run(
-    device: str, patterns: list[str], dtypes: list[str], asv_args: list[str], shapes: list[str] | None = None
+    device: str,
+    patterns: list[str],
+    dtypes: list[str],
+    asv_args: list[str],
+    shapes: list[str] | None = None,
+    label: str | None = None,
+    markdown: Path | None = None,
 ) -> int:
-    """Plan, register the machine, run asv with the output filtered, print the summary."""
+    """Plan, register the machine, run asv with the output filtered, print the summary; keep
+    the run's facts in its log and, with ``markdown``, render the commit's measured table."""
     p = plan(device, patterns, dtypes, shapes)
     print(
         f"benchmarks: machine {p['machine']} ({p['machine_info']['cpu']}), adapters {', '.join(p['adapters'])}"
@@ -270,9 +283,24 @@ def run(
             f"benchmarks: spread (IQR / median) of this run's timings, {', '.join(f.name for f in written)}:"
         )
         print(spread.format_summary(spread.summarize(spreads)))
-    print(
-        f"benchmarks: asv exited {proc.returncode} after {time.time() - started:.0f} s; run log {cache_file.relative_to(ROOT)}"
+    seconds = time.time() - started
+    info = {"commit": commit or "", "label": label or "+".join(patterns), "quick": quick, "seconds": seconds}
+    info.update(
+        machine=p["machine"], device=device, configurations=len(p["bench"]), launch=p["launch_method"]
     )
+    measured.record_run(cache_file, info)
+    print(
+        f"benchmarks: asv exited {proc.returncode} after {seconds:.0f} s; run log {cache_file.relative_to(ROOT)}"
+    )
+    if markdown is not None and commit:
+        from mha_conformance.results.tables import write_markdown
+
+        body = measured.render(p["machine"], commit)
+        command = f"nox -s benchmarks -- --markdown {markdown}"
+        write_markdown(markdown, command, body)
+        print(f"benchmarks: measured table of commit {commit[:12]} written to {markdown}")
+    elif markdown is not None:
+        print(f"benchmarks: {markdown} not written: the work tree has uncommitted changes")
     return proc.returncode
 
 
@@ -294,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shape", action="append", default=[], help=f"glob on shape names ({', '.join(common.SHAPES)})"
     )
+    parser.add_argument("--label", default=None, help="the run's name in its log (nox: the backend)")
+    parser.add_argument(
+        "--markdown", type=Path, default=None, help="after the run, write the commit's measured table here"
+    )
     parser.add_argument("--plan", action="store_true", help="print the plan as JSON and stop")
     args, asv_args = parser.parse_known_args(argv)
     patterns = args.adapter or ["*"]
@@ -301,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         print(json.dumps({d: plan(d, patterns, args.dtype, args.shape) for d in targets}, indent=1))
         return 0
-    return max(run(d, patterns, args.dtype, asv_args, args.shape) for d in targets)
+    return max(run(d, patterns, args.dtype, asv_args, args.shape, args.label, args.markdown) for d in targets)
 
 
 if __name__ == "__main__":

@@ -261,3 +261,48 @@ def test_forkserver_runs_every_framework_here(tmp_path):
         assert entry["forward_median"] > 0 and entry["meta"]["threads"] == "2", (name, entry)
         if "threads_how" in entry["meta"]:  # TensorFlow and XLA say how they were fixed
             assert "started" not in entry["meta"]["threads_how"] or "before" in entry["meta"]["threads_how"]
+
+
+def test_measured_table_from_run_logs_and_results(tmp_path):
+    """The docs' measured table: the newest full and quick run per label of the commit (other
+    commits and older runs left out), totals, the spread of the recorded timings and the forward
+    medians with the worst gate ratio; a commit that never ran is a clear error."""
+    from benchmarks import measured
+
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    runs.mkdir()
+    key = "torch-sdpa|gpt-t128|float32|causal=True|cpu|threads=2"
+
+    def log(name: str, commit: str, label: str, quick: bool, seconds: float, median: float) -> None:
+        configs = {key: {"status": "ok", "gate_ratio": 0.5, "forward_median": median}}
+        configs["torch-mha|gpt-t128|float32|causal=True|cpu|threads=2"] = {"status": "wrong", "reason": "x"}
+        (runs / f"m-cpu-{name}.json").write_text(json.dumps({"configs": configs}))
+        run = {"commit": commit, "label": label, "quick": quick, "seconds": seconds, "configurations": 2}
+        measured.record_run(runs / f"m-cpu-{name}.json", run)
+
+    log("20260101T000000Z", "a" * 40, "torch", False, 500.0, 0.030)  # older full run: replaced
+    log("20260102T000000Z", "a" * 40, "torch", False, 200.0, 0.020)
+    log("20260103T000000Z", "a" * 40, "torch", True, 60.0, 0.025)
+    log("20260104T000000Z", "b" * 40, "torch", False, 999.0, 0.040)  # another commit
+    log("20260105T000000Z", "a" * 40, "onnx", False, 50.0, 0.010)
+    (results / "m-cpu").mkdir(parents=True)
+    columns = ["result", "params", "version", "started_at", "duration", "stats_ci_99_a", "stats_ci_99_b"]
+    columns += ["stats_q_25", "stats_q_75", "stats_number", "stats_repeat"]
+    row = [[0.020], [["'torch-sdpa'"], ["'gpt-t128'"], ["'float32'"], ["True"]], "1", 0, 1.0, None, None]
+    data = {
+        "result_columns": columns,
+        "results": {"bench_attention.Forward.time_forward": row + [[0.0195], [0.0205], [5], [6]]},
+    }
+    (results / "m-cpu" / f"{'a' * 8}-env.json").write_text(json.dumps(data))
+
+    body = measured.render("m-cpu", "a" * 40, runs, results)
+    rows = {line.split(" | ")[0]: line for line in body.splitlines() if line.startswith("| ")}
+    assert rows["| torch"] == "| torch | 2 | 200 | 60 | 1 ok, 1 wrong |"
+    assert rows["| onnx"].startswith("| onnx | 2 | 50 | - |")
+    assert rows["| **all**"] == "| **all** | | **250** | **60** | |"
+    assert "999" not in body and "500" not in body
+    (forward,) = [line.split() for line in body.splitlines() if line.startswith("time_forward ")]
+    assert forward[1:5] == ["1", "5.0%", "5.0%", "5.0%"]  # (0.0205 - 0.0195) / 0.020
+    assert "| `torch-sdpa` | 20.0 | 0.50 |" in body  # the full run's median, not the quick one's
+    with pytest.raises(LookupError, match="no benchmark run of commit cccccccccccc"):
+        measured.render("m-cpu", "c" * 40, runs, results)
