@@ -8,8 +8,10 @@ of a run is ``execution/suite.py``, a check's steps ``checks/skeleton.py``, the 
 
 from __future__ import annotations
 
+import re
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -123,6 +125,59 @@ def pytest_configure(config: pytest.Config) -> None:
     CONFIG.append(config)
 
 
+#: Whether pytest-xdist's workers get whole adapters (``-n`` without ``--dist``).
+BY_ADAPTER = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``-n`` without ``--dist``: every test of one adapter on one worker, the adapters handed out
+    as workers come free (pytest-xdist's scope scheduling, the scope being the adapter). Spread
+    test by test, each worker would trace and compile nearly every structure again
+    (FlexAttention's dynamo traces, XLA's executables): torch's warm run took 288 s over two
+    workers against 170 s in one. An explicit ``--dist`` is the user's choice."""
+    given = any(a == "--dist" or a.startswith(("--dist=", "-d=")) for a in config.invocation_params.args)
+    if given or config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    scope = adapter_scope(config.getoption("--adapter") or ["*"])
+
+    class ByAdapter(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope(nodeid)
+
+    config.stash[BY_ADAPTER] = True
+    return ByAdapter(config, log)
+
+
+def adapter_scope(refs: list[str]) -> Callable[[str], str]:
+    """The adapter a test id belongs to, for the ``--adapter`` values ``refs``.
+
+    A test id is ``[<check or property->]<adapter>-<device>-<dtype>-<case>``: the names are the
+    adapters ``refs`` resolve to (longest first, so that ``torch-flex-compiled`` is never read as
+    ``torch-flex``); an id with none of them is grouped by what comes before its device (its
+    check or property and adapter). Only the adapters are resolved here, not the suite: a suite built on the
+    controller while the workers collect made their collections differ (about one run in four)."""
+    try:
+        found = [a.name for a in registry.resolve(refs)]
+    except (registry.AdapterError, ImportError, AttributeError):
+        found = []  # the workers report the bad --adapter value
+    names = sorted(found, key=len, reverse=True)
+    dtype = rf"-[^-\]]+-(?:{'|'.join(map(re.escape, ALL_DTYPES))})-"
+    builtin = re.compile(rf"[\[-]({'|'.join(map(re.escape, names)) or '$^'}){dtype}")
+    stem = re.compile(rf"\[(.+?){dtype}")
+
+    def scope(nodeid: str) -> str:
+        start = nodeid.find("[")
+        if start < 0:
+            return nodeid
+        found = builtin.search(nodeid, start) or stem.search(nodeid, start)
+        return found.group(1) if found else nodeid
+
+    return scope
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     CONFIG.remove(config)
 
@@ -206,6 +261,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if found is not None:
         rec.verdicts = [v.as_dict() for v in found.verdicts]
         rec.meta = dict(found.meta)
+    if is_xdist_worker(item.config):
+        rec.meta["xdist_worker"] = item.config.workerinput["workerid"]
     finding = found.finding if found is not None else ""
     if hasattr(rep, "wasxfail"):
         rec.outcome = "xpassed" if rep.passed else "xfailed"
@@ -298,6 +355,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "label": session.config.getoption("--label"),
         "quick": suite.quick,
         "xdist_workers": xdist_workers(session.config),
+        "xdist_dist": "adapter"
+        if session.config.stash.get(BY_ADAPTER, False)
+        else session.config.option.dist,
         # Files the run added to the compilation caches (impls/cache.py): 0 for a warm run.
         "cache_added": cache.entries() - suite.cache_entries,
         "args": session.config.invocation_params.args,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -64,17 +65,45 @@ def test_a_run_over_xdist_workers_reports_what_a_serial_run_reports(tmp_path):
     adapters = [mutants.Correct, mutants.CausalOffByOne, mutants.NanEmptyRows]
     args = ["--quick", "-p", "no:randomly"]
     args += [a for cls in adapters for a in ("--adapter", mutants.ref(cls))]
-    runs = {}
-    for name, extra in (("serial", []), ("xdist", ["-n", "2"])):
+    runs, workers = {}, {}
+    for name, extra in (("serial", []), ("xdist", ["-n", "2"]), ("load", ["-n", "2", "--dist", "load"])):
         report, history = tmp_path / f"{name}.json", tmp_path / f"{name}-history"
         done = suite.run([*args, *extra, "--report", str(report), "--history", str(history)])
         assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # the mutants fail
         assert "mha-conformance summary" in done.stdout
         assert len(list(history.iterdir())) == 1
         runs[name] = outcomes(report)
-        assert json.loads(report.read_text())["run"]["xdist_workers"] == (2 if extra else 0)
-    assert runs["xdist"] == runs["serial"]
+        data = json.loads(report.read_text())
+        assert data["run"]["xdist_workers"] == (2 if extra else 0)
+        assert data["run"]["xdist_dist"] == {"serial": "no", "xdist": "adapter", "load": "load"}[name]
+        workers[name] = defaultdict(set)
+        for t in data["tests"]:
+            workers[name][t["adapter"]].add(t["meta"].get("xdist_worker"))
+    assert runs["xdist"] == runs["serial"] == runs["load"]
     assert {o for o, _, _ in runs["serial"].values()} >= {"passed", "failed", "skipped"}
+    # -n alone keeps each adapter on one worker (it traces and compiles its structures once);
+    # an explicit --dist is the user's choice, and spreads them.
+    assert all(len(w) == 1 and None not in w for w in workers["xdist"].values()), workers["xdist"]
+    assert any(len(w) == 2 for w in workers["load"].values()), workers["load"]
+
+
+def test_xdist_scopes_are_adapters():
+    """What pytest-xdist hands a worker whole: every test of one adapter, whatever the check or
+    property in front of its name; a longer built-in name is never read as a shorter one."""
+    from mha_conformance.plugin import adapter_scope
+
+    scope = adapter_scope(["torch-*"])
+    ids = {
+        "conformance/test_golden.py::test_golden[torch-flex-compiled-cpu-float32-seed_a]": "torch-flex-compiled",
+        "conformance/test_golden.py::test_golden[torch-flex-cpu-float32-seed_a]": "torch-flex",
+        "conformance/test_properties.py::test_property[masked-poison-nan-torch-flex-cpu-bfloat16-v_b]": "torch-flex",
+        "conformance/test_decoding.py::test_decoding[decoding-torch-mha-noweights-cpu-float64-c]": "torch-mha-noweights",
+    }
+    assert {nodeid: scope(nodeid) for nodeid in ids} == ids
+    mine = adapter_scope([mutants.ref(mutants.Correct)])  # a user's adapter, by its own name
+    assert mine("t.py::test_property[batch-mutant-correct-twin-cpu-float16-c]") == "mutant-correct-twin"
+    assert mine("t.py::test_golden[other-cuda-float16-case]") == "other"  # unknown: up to the device
+    assert mine("tests/test_docs.py::test_links") == "tests/test_docs.py::test_links"
 
 
 def test_a_warm_parallel_run_gives_a_cold_serial_runs_verdicts(tmp_path):
