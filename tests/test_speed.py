@@ -162,3 +162,16 @@ def test_timing_tables_flag_a_changed_verdict(tmp_path):
     write("quick", "failed", 2.0, 0)
     assert timing.main(["--out", str(tmp_path)]) == 1
     assert timing.differences(timing.load(tmp_path)["jax"]) == ["cold vs quick: t[b]: passed vs failed"]
+
+
+def test_xdist_workers_share_the_cores():
+    """Each of N xdist workers' adapter processes gets cores // N threads in the pools sized from
+    the environment, unless the user chose; a serial run leaves them alone."""
+    from mha_conformance.execution.worker import THREAD_VARIABLES, shared_core_threads
+
+    cores = os.cpu_count() or 1
+    assert shared_core_threads({}) == {} and shared_core_threads({"PYTEST_XDIST_WORKER_COUNT": "1"}) == {}
+    two = shared_core_threads({"PYTEST_XDIST_WORKER_COUNT": "2"})
+    assert two == {name: str(max(1, cores // 2)) for name in THREAD_VARIABLES}
+    many = shared_core_threads({"PYTEST_XDIST_WORKER_COUNT": str(4 * cores), "OMP_NUM_THREADS": "3"})
+    assert many == {"TF_NUM_INTRAOP_THREADS": "1"}  # at least one; the user's OMP_NUM_THREADS stays
