@@ -357,7 +357,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "xdist_workers": xdist_workers(session.config),
         "xdist_dist": "adapter"
         if session.config.stash.get(BY_ADAPTER, False)
-        else session.config.option.dist,
+        else getattr(session.config.option, "dist", "no"),  # "no" also without pytest-xdist installed
         # Files the run added to the compilation caches (impls/cache.py): 0 for a warm run.
         "cache_added": cache.entries() - suite.cache_entries,
         "args": session.config.invocation_params.args,
