@@ -247,17 +247,31 @@ def inputs_of(spec: dict[str, Any]) -> dict[str, np.ndarray]:
     t0 = time.perf_counter()
     built = build_inputs(spec)
     if time.perf_counter() - t0 > SLOW_INPUTS_SECONDS:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in built.items()}, tmp)
-        os.replace(tmp, path)
+        arrays = {k: np.ascontiguousarray(v) for k, v in built.items()}
+        _write_atomically(path, lambda tmp: safetensors.numpy.save_file(arrays, tmp))
     return built
 
 
-def _inputs_path(spec: dict[str, Any]) -> Path:
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file beside ``path``, then move it there in one step: a reader (another
+    benchmark process) sees the old file or the whole new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+@cache
+def _source_digest(*modules: Any) -> str:
+    """A digest of the modules' source with NumPy's version: what a stored result was computed by."""
     digest = hashlib.sha256(np.__version__.encode())
-    for module in (reference, sys.modules[build_inputs.__module__]):
+    for module in modules:
         digest.update(Path(inspect.getsourcefile(module) or "").read_bytes())
+    return digest.hexdigest()
+
+
+def _inputs_path(spec: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(_source_digest(reference, sys.modules[build_inputs.__module__]).encode())
     digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
     return caches.root() / "inputs" / f"{spec['id']}-{digest.hexdigest()[:32]}.safetensors"
 
@@ -314,17 +328,10 @@ def gate_reference(inputs: dict[str, np.ndarray], spec: dict[str, Any], dtype: s
     return found
 
 
-@cache
-def _reference_code_digest() -> str:
-    """The source of the modules that compute the gate's reference side, with NumPy's version."""
-    digest = hashlib.sha256(np.__version__.encode())
-    for module in (reference, error_model, sys.modules[ensemble_errors.__module__]):
-        digest.update(Path(inspect.getsourcefile(module) or "").read_bytes())
-    return digest.hexdigest()
-
-
 def _gate_cache_path(tensors: dict[str, np.ndarray], sub: dict[str, Any], dtype: str) -> Path:
-    digest = hashlib.sha256(_reference_code_digest().encode())
+    # The modules that compute the gate's reference side.
+    code = _source_digest(reference, error_model, sys.modules[ensemble_errors.__module__])
+    digest = hashlib.sha256(code.encode())
     digest.update(json.dumps([GATE_ROWS, dtype, sub], sort_keys=True, default=str).encode())
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
@@ -356,10 +363,7 @@ def _write_gate_reference(path: Path, ref: GateReference) -> None:
         "baseline": ref.baseline,
         "error_scale": ref.error_scale,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data)))
 
 
 def store_gate_references(configurations: list[list[Any]]) -> tuple[int, int]:
@@ -439,10 +443,7 @@ def update_run_cache(section: str, key: str, value: dict[str, Any]) -> None:
     entries = data.get(section) if isinstance(data.get(section), dict) else {}
     entries[key] = {**entries.get(key, {}), **value}
     data[section] = entries
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    _write_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True)))
 
 
 def cached_config(key: str) -> dict[str, Any] | None:

@@ -157,13 +157,14 @@ def adapter_scope(refs: list[str]) -> Callable[[str], str]:
     A test id is ``[<check or property->]<adapter>-<device>-<dtype>-<case>``: the names are the
     adapters ``refs`` resolve to (longest first, so that ``torch-flex-compiled`` is never read as
     ``torch-flex``); an id with none of them is grouped by what comes before its device (its
-    check or property and adapter). Only the adapters are resolved here, not the suite: a suite built on the
-    controller while the workers collect made their collections differ (about one run in four)."""
+    check or property and adapter). Only the adapters are resolved here, not the suite: a suite
+    built on the controller while the workers collect made their collections differ (about one
+    run in four)."""
     try:
-        found = [a.name for a in registry.resolve(refs)]
+        resolved = [a.name for a in registry.resolve(refs)]
     except (registry.AdapterError, ImportError, AttributeError):
-        found = []  # the workers report the bad --adapter value
-    names = sorted(found, key=len, reverse=True)
+        resolved = []  # the workers report the bad --adapter value
+    names = sorted(resolved, key=len, reverse=True)
     dtype = rf"-[^-\]]+-(?:{'|'.join(map(re.escape, ALL_DTYPES))})-"
     builtin = re.compile(rf"[\[-]({'|'.join(map(re.escape, names)) or '$^'}){dtype}")
     stem = re.compile(rf"\[(.+?){dtype}")
