@@ -102,6 +102,8 @@ PEAK_N = {"cpu": 2048, "cuda": 8192, "mps": 4096}
 #: Modules the forkserver imports before it forks, comma-separated (the runner sets it from the
 #: plan with :func:`preload_modules`); empty: nothing, each benchmark imports what it needs.
 PRELOAD_ENV = "MHA_BENCH_PRELOAD"
+#: Set by the runner for ``asv run --quick`` (:func:`quick`).
+QUICK_ENV = "MHA_BENCH_QUICK"
 #: What each adapter's timed path imports, by adapter-name glob (every matching glob counts).
 PRELOADS: dict[str, tuple[str, ...]] = {
     "torch-*": ("torch",),
@@ -464,6 +466,13 @@ def cached_config(key: str) -> dict[str, Any] | None:
 SAMPLE_SECONDS = 0.1
 MAX_NUMBER = 16
 REPEAT = (5, 12, 0.5)
+
+
+def quick() -> bool:
+    """An ``asv run --quick``: each timed body runs once, as asv means by it ("each benchmark
+    function is run only once", results not saved), so no calibrating call and one call per
+    sample. asv does not tell a benchmark; the runner sets ``MHA_BENCH_QUICK``."""
+    return os.environ.get(QUICK_ENV, "") == "1"
 
 
 def calls_per_sample(call_seconds: float) -> int:

@@ -256,6 +256,7 @@ def run(
     env = dict(os.environ, MHA_BENCH_DEVICE=device, MHA_BENCH_THREADS=str(p["threads"]))
     env[common.RUN_CACHE_ENV] = str(cache_file)
     env[common.PRELOAD_ENV] = ",".join(p["preload"])
+    env[common.QUICK_ENV] = "1" if quick else ""
     launch = [] if "--launch-method" in asv_args else ["--launch-method", p["launch_method"]]
     if launch:
         print(f"benchmarks: launch method {p['launch_method']} ({p['launch_method_why']})")

@@ -44,7 +44,7 @@ EVERY_ADAPTER = [name for names in ADAPTERS.values() for name in names]
 #: to the conformance path's output). Measured: 1.2e-7 at most on the spec below.
 BITWISE = {"tensorflow", "torch"}
 #: The per-adapter checks below (tests parametrized by adapter name), and per ops adapter.
-CHECKS = 3
+CHECKS = 4
 OPS_CHECKS = 2
 
 
@@ -178,6 +178,34 @@ def test_timed_body_matches_the_conformance_path(name):
     assert bench.meta["keras_backend"] == BACKEND_OF[name]
     if BACKEND_OF[name] != "jax":  # XLA's thread pool is fixed at backend start (meta says so)
         assert bench.meta["threads"] == str(bench_threads())
+
+
+@pytest.mark.parametrize("name", EVERY_ADAPTER)
+def test_a_reused_layer_computes_what_a_new_one_does(name):
+    """The conformance path builds a layer once per structure and then only loads each case's
+    weights (``KerasMHA.build``): after another case of the same structure (other weights, batch
+    and length), a case's output and attention weights are bit for bit those of a layer built
+    for it alone; a seeded (dropout) layer is never reused."""
+    adapter = here(name)
+    from mha_conformance.impls.keras import mha
+
+    def case(case_id: str, **shape):
+        spec = make_spec(case_id, "reuse", d_in=32, num_heads=4, head_dim=8, causal=True, **shape)
+        inputs = {k: v for k, v in build_inputs(spec).items() if k != "grad_output"}
+        return spec, inputs, {k: inputs[k] for k in ("query", "key", "value")}
+
+    first, second = case("reuse_a", batch=3, q_len=5), case("reuse_b", batch=2, q_len=16)
+    mha._LAYERS.clear()
+    alone = adapter.prepare(second[1], second[0], "float32", "cpu")(second[2])
+    mha._LAYERS.clear()
+    adapter.prepare(first[1], first[0], "float32", "cpu")(first[2])
+    layer = next(iter(mha._LAYERS.values()))
+    reused = adapter.prepare(second[1], second[0], "float32", "cpu")(second[2])
+    assert list(mha._LAYERS.values()) == [layer], "the second case of the structure built a new layer"
+    for key in ("output", "attn_weights"):
+        if key in alone:
+            assert np.array_equal(reused[key], alone[key]), key
+    assert adapter.build(first[1], first[0], "float32", "cpu", seed=0) is not layer
 
 
 @pytest.mark.parametrize("name", EVERY_ADAPTER)

@@ -175,3 +175,20 @@ def test_xdist_workers_share_the_cores():
     assert two == {name: str(max(1, cores // 2)) for name in THREAD_VARIABLES}
     many = shared_core_threads({"PYTEST_XDIST_WORKER_COUNT": str(4 * cores), "OMP_NUM_THREADS": "3"})
     assert many == {"TF_NUM_INTRAOP_THREADS": "1"}  # at least one; the user's OMP_NUM_THREADS stays
+
+
+def test_first_run_kinds_start_cold_with_and_without_the_caches(tmp_path):
+    """``cold-quick`` and ``uncached-quick`` both start from an empty cache folder (not this
+    machine's); the first writes JAX's executables there, the second runs with the persistent
+    caches off and writes none. Their reports parse back under the right label, and they agree."""
+    pytest.importorskip("jax")
+    from mha_conformance.audit import timing
+
+    args = ["--label", "keras-x", "--out", str(tmp_path), "--kind", "cold-quick", "--kind", "uncached-quick"]
+    assert timing.main([*args, "--adapter", "jax-sdpa", "--case", "batch1_self_t8", "-k", "golden"]) == 0
+    found = timing.load(tmp_path)
+    assert set(found) == {"keras-x"} and set(found["keras-x"]) == {"cold-quick", "uncached-quick"}
+    cold, uncached = (found["keras-x"][k]["run"] for k in ("cold-quick", "uncached-quick"))
+    assert cold["cache_added"] > 0, cold
+    assert uncached["cache_added"] == 0, uncached
+    assert timing.differences(found["keras-x"]) == []

@@ -3,14 +3,18 @@ making it faster change any verdict.
 
 ``python -m mha_conformance.audit.timing --label NAME [--kind KIND ...] [--out DIR] [--markdown PATH]
 [pytest args: --adapter GLOB ...]`` runs the suite on the given adapters once per kind, in order,
-in one fresh cache folder (``MHA_CACHE_DIR``, so the first run is cold whatever this machine has
-cached; without ``cold`` among the kinds, in this machine's own caches), each in its own process
-as ``nox -s conformance`` runs it:
+each in its own process as ``nox -s conformance`` runs it. A kind that starts cold gets a fresh,
+empty cache folder (``MHA_CACHE_DIR``, so it is cold whatever this machine has cached), which the
+kinds after it then use; without one, the runs use this machine's own caches:
 
 * ``cold``: empty caches (JAX's executables, inductor's kernels, exported ONNX models);
 * ``warm``: the same command again (what a second ``nox -s conformance`` costs);
 * ``quick``: the quick tier (``--quick``), warm;
-* ``n1`` / ``n2``: warm, over 1 and 2 pytest-xdist workers (``-n 1`` / ``-n 2``).
+* ``n1`` / ``n2``: warm, over 1 and 2 pytest-xdist workers (``-n 1`` / ``-n 2``);
+* ``cold-quick`` / ``uncached-quick``: the quick tier from empty caches, with the persistent caches
+  on (writing what they compile) and off (JAX's compilation cache and inductor's FX-graph and
+  autograd caches disabled, as before the suite kept caches): whether the first run pays for
+  the caches. Run ``uncached-quick`` first or alone: it leaves its folder empty.
 
 Each run's JSON report goes to ``DIR/<label>-<kind>.json``; then the tables are rendered from
 every report in ``DIR`` (so one label per backend, each from its own environment, adds up to one
@@ -28,6 +32,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,59 +40,82 @@ from mha_conformance import __main__ as suite
 from mha_conformance.impls import cache as caches
 from mha_conformance.results.tables import write_markdown
 
+#: With these, a run keeps no compiled code between processes (the ``uncached`` kinds).
+NO_CACHES = {
+    "JAX_ENABLE_COMPILATION_CACHE": "false",
+    "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+    "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
+}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How one kind of run is made: its extra pytest arguments, whether it starts from a fresh
+    empty cache folder, and its extra environment."""
+
+    args: tuple[str, ...] = ()
+    fresh: bool = False
+    env: tuple[tuple[str, str], ...] = ()
+
+
 KINDS = {
-    "cold": [],
-    "warm": [],
-    "quick": ["--quick"],
-    "n1": ["-n", "1"],
-    "n2": ["-n", "2"],
+    "cold": Kind(fresh=True),
+    "warm": Kind(),
+    "quick": Kind(("--quick",)),
+    "n1": Kind(("-n", "1")),
+    "n2": Kind(("-n", "2")),
+    "cold-quick": Kind(("--quick",), fresh=True),
+    "uncached-quick": Kind(("--quick",), fresh=True, env=tuple(NO_CACHES.items())),
 }
 DEFAULT_KINDS = ("cold", "warm", "quick")
 OUT = Path("results/timing")
 
 
-def measure(label: str, kinds: Sequence[str], pytest_args: Sequence[str], out: Path, cache: Path) -> None:
-    """Run the suite once per kind (fresh cache for the first), writing ``out/<label>-<kind>.json``."""
+def measure(label: str, kinds: Sequence[str], pytest_args: Sequence[str], out: Path) -> None:
+    """Run the suite once per kind, writing ``out/<label>-<kind>.json``: from this machine's
+    caches, or from a fresh folder from the first kind that starts cold on."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MHA_CACHE_DIR": str(cache)}
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's cache folder decides
-    for i, kind in enumerate(kinds, 1):
-        report = out / f"{label}-{kind}.json"
-        report.unlink(missing_ok=True)
-        print(f"[{i}/{len(kinds)}] {label}: {kind} run ...", flush=True)
-        args = [
-            "-q",
-            "--no-header",
-            "--tb=no",
-            "-p",
-            "no:randomly",
-            "--label",
-            label,
-            "--report",
-            str(report),
-        ]
-        start = time.monotonic()
-        proc = suite.run([*args, *KINDS[kind], *pytest_args], env=env)
-        if not report.exists():
-            raise SystemExit(
-                f"the {kind} run wrote no report (exit {proc.returncode}):\n"
-                f"{proc.stdout[-3000:]}{proc.stderr[-2000:]}"
-            )
-        run = json.loads(report.read_text())["run"]
-        print(
-            f"    {time.monotonic() - start:.0f} s wall, {run['duration']:.0f} s test time, "
-            f"{run['cache_added']} cache files added",
-            flush=True,
+    with tempfile.TemporaryDirectory(prefix="mha-timing-cache-") as scratch:
+        folder = caches.root()
+        for i, name in enumerate(kinds, 1):
+            kind = KINDS[name]
+            if kind.fresh:
+                folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch))
+            env = {**os.environ, "MHA_CACHE_DIR": str(folder), **dict(kind.env)}
+            env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's cache folder decides
+            run_kind(label, name, [*kind.args, *pytest_args], out, env, f"[{i}/{len(kinds)}]")
+
+
+def run_kind(
+    label: str, kind: str, pytest_args: Sequence[str], out: Path, env: dict[str, str], step: str
+) -> None:
+    """One run of the suite, its report into ``out/<label>-<kind>.json``."""
+    report = out / f"{label}-{kind}.json"
+    report.unlink(missing_ok=True)
+    print(f"{step} {label}: {kind} run ...", flush=True)
+    args = ["-q", "--no-header", "--tb=no", "-p", "no:randomly", "--label", label, "--report", str(report)]
+    start = time.monotonic()
+    proc = suite.run([*args, *pytest_args], env=env)
+    if not report.exists():
+        raise SystemExit(
+            f"the {kind} run wrote no report (exit {proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}{proc.stderr[-2000:]}"
         )
+    run = json.loads(report.read_text())["run"]
+    print(
+        f"    {time.monotonic() - start:.0f} s wall, {run['duration']:.0f} s test time, "
+        f"{run['cache_added']} cache files added",
+        flush=True,
+    )
 
 
 def load(out: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """Every report in ``out``, by label and kind."""
     found: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for path in sorted(out.glob("*.json")):
-        label, _, kind = path.stem.rpartition("-")
-        if kind in KINDS:
-            found[label][kind] = json.loads(path.read_text())
+        kind = next((k for k in sorted(KINDS, key=len, reverse=True) if path.stem.endswith(f"-{k}")), None)
+        if kind is not None:
+            found[path.stem.removesuffix(f"-{kind}")][kind] = json.loads(path.read_text())
     return dict(found)
 
 
@@ -182,11 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the tables, stamped, here")
     args, pytest_args = parser.parse_known_args(argv)
     kinds = args.kind or DEFAULT_KINDS
-    if args.label and "cold" in kinds:
-        with tempfile.TemporaryDirectory(prefix="mha-timing-cache-") as fresh:
-            measure(args.label, kinds, pytest_args, args.out, Path(fresh))
-    elif args.label:  # warm runs only: the caches this machine has (each report says what it added)
-        measure(args.label, kinds, pytest_args, args.out, caches.root())
+    if args.label:
+        measure(args.label, kinds, pytest_args, args.out)
     found = load(args.out)
     if not found:
         print(f"no reports in {args.out}; give --label and the adapters to measure")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,10 @@ from mha_conformance.impls.adapter import Adapter, Arrays, Divergence, Prepared,
 from mha_conformance.impls.bench import Bench
 from mha_conformance.impls.keras.backend import KERAS_BACKENDS, import_keras
 from mha_conformance.impls.keras.divergences import JAX_VALUE_WIDTH, keras_divergences, values_wider_than_keys
+
+#: Built layers kept for reuse, by adapter class and everything a layer's variables depend on.
+_LAYERS: OrderedDict[tuple, Any] = OrderedDict()
+LAYERS_KEPT = 32
 
 
 class KerasMHA(Adapter):
@@ -207,16 +212,44 @@ class KerasMHA(Adapter):
 
     def build(self, case, spec: Mapping[str, Any], dtype: str, device: str, seed: int | None = None):
         """The layer with the case's weights on ``device`` (``seed`` seeds its dropout), as
-        every path runs it: the conformance, gradient, training and timed ones."""
+        every path runs it: the conformance, gradient, training and timed ones.
+
+        A layer without a seed is built once per structure (the adapter, dtype, device, head
+        counts and widths, biases) and then only given each case's weights, as a model is built
+        once and loaded many times: building is most of a small case's time (variables and
+        their initialisers; on JAX each initialiser is lowered per shape). Every variable is
+        assigned again, and the sublayers' einsum equations depend on ranks and widths only, so
+        a reused layer computes what a new one would. A seeded layer (dropout) is always new: its
+        generator's state is part of what the case checks."""
         if device == "cuda" and self.keras_backend == "torch":
             raise NotImplementedError("Keras on torch places tensors itself; cuda runs are not wired up yet")
+        use_bias = spec["qkv_bias"] or spec["out_bias"]
+        widths = (
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "v_head_dim",
+            "d_in",
+            "kdim",
+            "vdim",
+            "d_out",
+            "dropout",
+        )
+        key = (type(self), dtype, device, use_bias, *(spec[w] for w in widths))
+        layer = _LAYERS.get(key) if seed is None else None
         with self._device_scope(device):
-            layer = self._layer(spec, dtype, spec["qkv_bias"] or spec["out_bias"], seed)
-            shapes = [
-                (spec["batch"], spec["q_len"], spec["d_in"]),
-                (spec["batch"], spec["kv_len"], spec["vdim"]),
-            ]
-            layer.build(*shapes, (spec["batch"], spec["kv_len"], spec["kdim"]))
+            if layer is None:
+                layer = self._layer(spec, dtype, use_bias, seed)
+                shapes = [
+                    (spec["batch"], spec["q_len"], spec["d_in"]),
+                    (spec["batch"], spec["kv_len"], spec["vdim"]),
+                ]
+                layer.build(*shapes, (spec["batch"], spec["kv_len"], spec["kdim"]))
+            if seed is None:
+                _LAYERS[key] = layer
+                _LAYERS.move_to_end(key)
+                while len(_LAYERS) > LAYERS_KEPT:
+                    _LAYERS.popitem(last=False)
             self._load_weights(layer, case, spec, dtype)
         return layer
 
