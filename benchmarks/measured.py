@@ -99,7 +99,9 @@ def render(machine: str, commit: str, runs: Path = RUNS, results: Path = RESULTS
     lines += [
         "",
         "Wall time is asv's (from its start to its exit, every benchmark process included), as the "
-        "runner prints it; `nox -s benchmarks` adds a few seconds per backend for pip and the plan.",
+        "runner prints it; `nox -s benchmarks` adds a few seconds per backend for pip and the plan. "
+        "A `--quick` run goes as several asv runs side by side, one per core (`--jobs`), since it "
+        "records nothing.",
     ]
     files = sorted((results / machine).glob(f"{commit[:8]}-*.json"))
     spreads = [s for f in files for s in spread.read_spreads(f)]
@@ -116,7 +118,11 @@ def render(machine: str, commit: str, runs: Path = RUNS, results: Path = RESULTS
 
 
 def _seconds(run: dict[str, Any]) -> str:
-    return f"{run['seconds']:.0f}" if "seconds" in run else "-"
+    """A run's wall time, and how many asv runs went side by side when more than one (``--jobs``)."""
+    if "seconds" not in run:
+        return "-"
+    jobs = run.get("jobs") or 1
+    return f"{run['seconds']:.0f}" + (f" ({jobs} side by side)" if jobs > 1 else "")
 
 
 def _forward_table(configs: dict[str, dict[str, Any]]) -> list[str]:

@@ -31,6 +31,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from fnmatch import fnmatchcase
@@ -206,6 +207,7 @@ def run(
     shapes: list[str] | None = None,
     label: str | None = None,
     markdown: Path | None = None,
+    jobs: int | None = None,
 ) -> int:
     """Plan, register the machine, run asv with the output filtered, print the summary; keep
     the run's facts in its log and, with ``markdown``, render the commit's measured table."""
@@ -260,16 +262,12 @@ def run(
     launch = [] if "--launch-method" in asv_args else ["--launch-method", p["launch_method"]]
     if launch:
         print(f"benchmarks: launch method {p['launch_method']} ({p['launch_method_why']})")
-    selection = [a for regex in p["bench"] for a in ("--bench", regex)]
-    cmd = ["asv", "run", "--python=same", "--machine", p["machine"], *launch, *record, *selection, *asv_args]
+    cmd = ["asv", "run", "--python=same", "--machine", p["machine"], *launch, *record, *asv_args]
+    jobs = quick_jobs(jobs, quick, device, len(p["bench"]))
+    if jobs > 1:
+        print(f"benchmarks: {jobs} asv runs side by side (--quick on a CPU: nothing is recorded)")
     started = time.time()
-    with subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if not NOISE.match(line) and "profiler_st" not in line:
-                print(line, end="", flush=True)
+    returncode = run_asv(cmd, p["bench"], jobs, env, cache_file)
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     print(summary(cache))
     written = [
@@ -287,11 +285,15 @@ def run(
     seconds = time.time() - started
     info = {"commit": commit or "", "label": label or "+".join(patterns), "quick": quick, "seconds": seconds}
     info.update(
-        machine=p["machine"], device=device, configurations=len(p["bench"]), launch=p["launch_method"]
+        machine=p["machine"],
+        device=device,
+        configurations=len(p["bench"]),
+        launch=p["launch_method"],
+        jobs=jobs,
     )
     measured.record_run(cache_file, info)
     print(
-        f"benchmarks: asv exited {proc.returncode} after {seconds:.0f} s; run log {cache_file.relative_to(ROOT)}"
+        f"benchmarks: asv exited {returncode} after {seconds:.0f} s; run log {cache_file.relative_to(ROOT)}"
     )
     if markdown is not None and commit:
         from mha_conformance.results.tables import write_markdown
@@ -302,7 +304,65 @@ def run(
         print(f"benchmarks: measured table of commit {commit[:12]} written to {markdown}")
     elif markdown is not None:
         print(f"benchmarks: {markdown} not written: the work tree has uncommitted changes")
-    return proc.returncode
+    return returncode
+
+
+def quick_jobs(asked: int | None, quick: bool, device: str, configurations: int) -> int:
+    """How many asv runs go side by side: ``--jobs``, by default every core for a ``--quick``
+    run on a CPU and one otherwise. Timings taken side by side would measure each other, so more
+    than one is refused for a run that keeps its timings (without ``--quick``)."""
+    if asked is not None and asked > 1 and not quick:
+        raise SystemExit(
+            "benchmarks: --jobs above 1 is for --quick runs only: timings taken side by side measure "
+            "each other (and a full run records them)"
+        )
+    wanted = asked if asked is not None else (os.cpu_count() or 1) if quick and device == "cpu" else 1
+    return max(1, min(wanted, configurations))
+
+
+def run_asv(cmd: list[str], bench: list[str], jobs: int, env: dict[str, str], cache_file: Path) -> int:
+    """``cmd`` over the ``--bench`` regexes of ``bench``, as one asv run or as ``jobs`` runs side
+    by side, the configurations dealt out in turn (so each adapter's cost is shared), each with
+    its own run cache and forkserver; their caches are merged into ``cache_file`` and the output
+    lines prefixed by the run's number. Returns the worst exit status."""
+    groups = [bench[i::jobs] for i in range(jobs)]
+    parts = [cache_file] if jobs == 1 else [cache_file.with_suffix(f".{i + 1}.json") for i in range(jobs)]
+    procs = []
+    for group, part in zip(groups, parts, strict=True):
+        selection = [a for regex in group for a in ("--bench", regex)]
+        procs.append(
+            subprocess.Popen(
+                [*cmd, *selection],
+                cwd=ROOT,
+                env={**env, common.RUN_CACHE_ENV: str(part)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+
+    def relay(i: int, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        prefix = f"[{i + 1}/{jobs}] " if jobs > 1 else ""
+        for line in proc.stdout:
+            if not NOISE.match(line) and "profiler_st" not in line:
+                print(prefix + line, end="", flush=True)
+
+    readers = [threading.Thread(target=relay, args=(i, proc)) for i, proc in enumerate(procs)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    returncode = max(proc.wait() for proc in procs)
+    if jobs > 1:
+        merged: dict[str, Any] = {}
+        for part in parts:
+            data = json.loads(part.read_text()) if part.is_file() else {}
+            for section, entries in data.items():
+                merged.setdefault(section, {}).update(entries)
+            part.unlink(missing_ok=True)
+        cache_file.write_text(json.dumps(merged, indent=1, sort_keys=True))
+    return returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--markdown", type=Path, default=None, help="after the run, write the commit's measured table here"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="asv runs side by side for --quick (default: every core on a CPU, else 1; full runs: 1)",
+    )
     parser.add_argument("--plan", action="store_true", help="print the plan as JSON and stop")
     args, asv_args = parser.parse_known_args(argv)
     patterns = args.adapter or ["*"]
@@ -334,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         print(json.dumps({d: plan(d, patterns, args.dtype, args.shape) for d in targets}, indent=1))
         return 0
-    return max(run(d, patterns, args.dtype, asv_args, args.shape, args.label, args.markdown) for d in targets)
+    return max(
+        run(d, patterns, args.dtype, asv_args, args.shape, args.label, args.markdown, args.jobs)
+        for d in targets
+    )
 
 
 if __name__ == "__main__":

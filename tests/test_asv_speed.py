@@ -306,3 +306,58 @@ def test_measured_table_from_run_logs_and_results(tmp_path):
     assert "| `torch-sdpa` | 20.0 | 0.50 |" in body  # the full run's median, not the quick one's
     with pytest.raises(LookupError, match="no benchmark run of commit cccccccccccc"):
         measured.render("m-cpu", "c" * 40, runs, results)
+
+
+def test_quick_runs_go_side_by_side(tmp_path):
+    """A ``--quick`` run deals its configurations out to asv runs side by side (each with its own
+    run cache and forkserver) and merges what they found into one run log. A run that keeps its
+    timings is never split."""
+    pytest.importorskip("torch")
+    with pytest.raises(SystemExit, match="--quick runs only"):
+        runner.quick_jobs(2, quick=False, device="cpu", configurations=4)
+    assert runner.quick_jobs(None, quick=False, device="cpu", configurations=4) == 1
+    assert runner.quick_jobs(None, quick=True, device="cuda", configurations=4) == 1
+    assert runner.quick_jobs(8, quick=True, device="cpu", configurations=3) == 3
+    configurations = [
+        ("torch-sdpa", "gpt-t128", "float32", True),
+        ("torch-sdpa", "transformer-t128", "float32", False),
+    ]
+    configurations += [("torch-mha", "gpt-t128", "float32", True)]
+    asv, env = asv_setup(tmp_path, ROOT, "sidebyside")
+    env.update({common.PRELOAD_ENV: "torch", common.QUICK_ENV: "1"})
+    cmd = [
+        *asv,
+        "run",
+        "--python=same",
+        "--quick",
+        "--machine",
+        "sidebyside",
+        "--launch-method",
+        "forkserver",
+    ]
+    log = tmp_path / "log.json"
+    bench = [runner.param_regex(*c) for c in configurations]
+    assert runner.run_asv([*cmd, "--show-stderr"], bench, 2, env, log) == 0
+    assert sorted(p.name for p in tmp_path.glob("log*.json")) == ["log.json"]  # the parts are merged away
+    configs = json.loads(log.read_text())["configs"]
+    for c in configurations:
+        entry = configs[common.config_key(*c, "cpu")]
+        assert entry["status"] == "ok" and entry["gate_ratio"] <= 2, (c, entry)
+
+
+def test_quick_runs_each_timed_body_once(monkeypatch):
+    """Under ``--quick`` (``MHA_BENCH_QUICK``) a sample is one call and nothing is spent on
+    calibrating it; otherwise ``number`` comes from a timed call (``common.calls_per_sample``)."""
+    pytest.importorskip("torch")
+    from benchmarks.bench_attention import Forward, Gradients
+
+    where = ("torch-sdpa", "gpt-t128", "float32", True, "cpu")
+    forward, gradients = Forward(), Gradients()
+    forward.config = common.configuration(*where)
+    gradients.backward = common.backward_of(*where)
+    monkeypatch.setenv(common.QUICK_ENV, "1")
+    assert forward.number == 1 and gradients.number == 1
+    assert forward.config.estimate is None and "call_seconds" not in gradients.__dict__  # no calibration
+    monkeypatch.setenv(common.QUICK_ENV, "")
+    assert forward.number == common.calls_per_sample(forward.config.estimate)
+    assert gradients.number == common.calls_per_sample(gradients.call_seconds)
