@@ -327,30 +327,35 @@ def run_asv(cmd: list[str], bench: list[str], jobs: int, env: dict[str, str], ca
     lines prefixed by the run's number. Returns the worst exit status."""
     groups = [bench[i::jobs] for i in range(jobs)]
     parts = [cache_file] if jobs == 1 else [cache_file.with_suffix(f".{i + 1}.json") for i in range(jobs)]
-    procs = []
-    for group, part in zip(groups, parts, strict=True):
-        selection = [a for regex in group for a in ("--bench", regex)]
-        procs.append(
-            subprocess.Popen(
-                [*cmd, *selection],
-                cwd=ROOT,
-                env={**env, common.RUN_CACHE_ENV: str(part)},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
+    procs: list[subprocess.Popen] = []
+    readers: list[threading.Thread] = []
 
-    def relay(i: int, proc: subprocess.Popen) -> None:
+    def relay(i: int, proc: subprocess.Popen, talking: threading.Event) -> None:
         assert proc.stdout is not None
         prefix = f"[{i + 1}/{jobs}] " if jobs > 1 else ""
         for line in proc.stdout:
+            talking.set()
             if not NOISE.match(line) and "profiler_st" not in line:
                 print(prefix + line, end="", flush=True)
+        talking.set()
 
-    readers = [threading.Thread(target=relay, args=(i, proc)) for i, proc in enumerate(procs)]
-    for reader in readers:
-        reader.start()
+    for i, (group, part) in enumerate(zip(groups, parts, strict=True)):
+        selection = [a for regex in group for a in ("--bench", regex)]
+        proc = subprocess.Popen(
+            [*cmd, *selection],
+            cwd=ROOT,
+            env={**env, common.RUN_CACHE_ENV: str(part)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        talking = threading.Event()
+        readers.append(threading.Thread(target=relay, args=(i, proc, talking)))
+        readers[-1].start()
+        procs.append(proc)
+        # asv rewrites ~/.asv-machine.json as it starts, before it prints anything: the next run
+        # starts once this one has spoken, or two would read each other's half-written file.
+        talking.wait(timeout=120)
     for reader in readers:
         reader.join()
     returncode = max(proc.wait() for proc in procs)
