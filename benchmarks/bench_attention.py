@@ -45,8 +45,10 @@ class Forward(_Attention):
     @property
     def number(self) -> int | None:
         config = self.__dict__.get("config")  # None before setup: asv reads attributes then too
-        if config is None or common.quick():
-            return None if config is None else 1
+        if config is None:
+            return None
+        if common.quick():  # asv --quick: the body once, no calibrating call
+            return 1
         return common.calls_per_sample(config.call_seconds())
 
     def teardown(self, adapter: str, shape: str, dtype: str, causal: bool) -> None:
@@ -99,8 +101,10 @@ class Gradients(_Attention):
     def number(self) -> int | None:
         """Calls per sample, from a warm backward pass (``common.calibrate``, once per process)."""
         backward = self.__dict__.get("backward")
-        if backward is None or common.quick():
-            return None if backward is None else 1
+        if backward is None:
+            return None
+        if common.quick():
+            return 1
         if "call_seconds" not in self.__dict__:
             self.call_seconds = common.calibrate(backward, warm=False)
         return common.calls_per_sample(self.call_seconds)
