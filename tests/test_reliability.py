@@ -445,8 +445,16 @@ def test_ctrl_c_writes_what_finished_and_leaves_no_worker(tmp_path):
     cmd = [sys.executable, "-m", "pytest", "conformance/test_golden.py", "-p", "no:cacheprovider", "-q"]
     cmd += ["--adapter", "tests.faulty_adapters:Slow", "--dtype", "float32", "--report", str(report_path)]
     env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    # SIGINT ignored by whatever started these tests (a background job of a non-interactive shell)
+    # would be inherited, and Ctrl-C would then do nothing: the suite gets Ctrl-C's default.
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 60
