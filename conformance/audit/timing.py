@@ -14,7 +14,8 @@ kinds after it then use; without one, the runs use this machine's own caches:
 * ``cold-quick`` / ``uncached-quick``: the quick tier from empty caches, with the persistent caches
   on (writing what they compile) and off (JAX's compilation cache and inductor's FX-graph and
   autograd caches disabled, as before the suite kept caches): whether the first run pays for
-  the caches. Run ``uncached-quick`` first or alone: it leaves its folder empty.
+  the caches. A kind after ``uncached-quick`` that does not start cold uses its folder, which
+  holds next to nothing.
 
 Each run's JSON report goes to ``DIR/<label>-<kind>.json``; then the tables are rendered from
 every report in ``DIR`` (so one label per backend, each from its own environment, adds up to one
