@@ -75,6 +75,27 @@ def adapter_args(session: nox.Session, patterns: list[str]) -> list[str]:
     return [arg for name in mine for arg in ("--adapter", name)] + rest
 
 
+#: The most pytest-xdist workers the main job starts by itself: each is a process with its
+#: framework imported, plus its adapter worker (about 1 GB each with TensorFlow).
+MAX_WORKERS = 8
+
+
+def default_workers(args: list[str]) -> list[str]:
+    """``-n N`` for a CPU run that names no worker count, dispatch or debugger: one worker per
+    core, at most :data:`MAX_WORKERS` (none on one core). The same verdicts as a serial run
+    (tests/test_speed.py); each worker takes an adapter's dtype whole (docs/speed.md). A GPU run
+    stays serial: the workers would share one device, not cores. ``-n 0`` runs serially."""
+    chosen = any(
+        a in ("-n", "--numprocesses", "--dist", "-d", "--pdb", "--trace", "no:xdist")
+        or a.startswith(("--numprocesses=", "--dist="))
+        or (a.startswith("-n") and not a.startswith("--"))
+        for a in args
+    )
+    devices = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--device"]
+    cores = min(os.cpu_count() or 1, MAX_WORKERS)
+    return [] if chosen or devices not in ([], ["cpu"]) or cores < 2 else ["-n", str(cores)]
+
+
 def backend_env(session: nox.Session, backend: str, extras: str) -> list[str]:
     """Prepare a per-backend session: skip a GPU backend without a GPU, install the project with
     ``extras`` plus the backend's own, set its environment; return the backend's adapter
@@ -96,13 +117,15 @@ def conformance(session: nox.Session, backend: str) -> None:
     """Validate the built-in adapters of one backend against the golden vectors.
 
     Arguments after ``--`` reach pytest: ``nox -s conformance -- --adapter torch-sdpa --device all``
-    (``-- --quick``: the quick tier; ``-- -n auto``: every core). Every run also writes its JSON
+    (``-- --quick``: the quick tier). On the CPU the tests are spread over one pytest-xdist worker
+    per core, at most eight (``-- -n 0``: serially; :func:`default_workers`). Every run also writes its JSON
     report into results/conformance/ (the history). ``-- --timing`` measures the job instead, in
     the same environment and caches: cold, warm and quick runs, checked to give the same
     verdicts, into docs/generated/main-job-time.md (``mha_conformance.audit.timing``; with
-    ``--kind n1 --kind n2``, pytest-xdist on the warm caches).
+    ``--kind serial --kind n1 --kind n2``, other worker counts on the warm caches).
     """
     args = backend_env(session, backend, "test")
+    args = default_workers(args) + args
     if "--timing" in args:
         args.remove("--timing")
         table = ["--out", "results/timing", "--markdown", "docs/generated/main-job-time.md"]

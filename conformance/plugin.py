@@ -125,17 +125,20 @@ def pytest_configure(config: pytest.Config) -> None:
     CONFIG.append(config)
 
 
-#: Whether pytest-xdist's workers get whole adapters (``-n`` without ``--dist``).
+#: Whether pytest-xdist's workers get each adapter's dtypes whole (``-n`` without ``--dist``).
 BY_ADAPTER = pytest.StashKey[bool]()
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """``-n`` without ``--dist``: every test of one adapter on one worker, the adapters handed out
-    as workers come free (pytest-xdist's scope scheduling, the scope being the adapter). Spread
-    test by test, each worker would trace and compile nearly every structure again
-    (FlexAttention's dynamo traces, XLA's executables): torch's warm run took 288 s over two
-    workers against 170 s in one. An explicit ``--dist`` is the user's choice."""
+    """``-n`` without ``--dist``: every test of one adapter, device and dtype on one worker, these
+    units handed out largest first as workers come free (pytest-xdist's scope scheduling, the
+    scope being :func:`adapter_scope`'s). Spread test by test, each worker would trace and compile
+    nearly every structure again (FlexAttention's dynamo traces, XLA's executables): torch's warm
+    run took 288 s over two workers against 170 s in one. Every trace and executable is one
+    dtype's, so a worker per dtype repeats none of them, and an adapter's dtypes share the
+    workers (whole adapters left the longest adapter's worker running alone: FlexAttention, Keras
+    on JAX). An explicit ``--dist`` is the user's choice."""
     given = any(a == "--dist" or a.startswith(("--dist=", "-d=")) for a in config.invocation_params.args)
     if given or config.getvalue("dist") != "load":
         return None
@@ -152,22 +155,22 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
 
 def adapter_scope(refs: list[str]) -> Callable[[str], str]:
-    """The adapter a test id belongs to, for the ``--adapter`` values ``refs``.
+    """The ``<adapter>-<device>-<dtype>`` a test id belongs to, for the ``--adapter`` values ``refs``.
 
     A test id is ``[<check or property->]<adapter>-<device>-<dtype>-<case>``: the names are the
     adapters ``refs`` resolve to (longest first, so that ``torch-flex-compiled`` is never read as
-    ``torch-flex``); an id with none of them is grouped by what comes before its device (its
-    check or property and adapter). Only the adapters are resolved here, not the suite: a suite
-    built on the controller while the workers collect made their collections differ (about one
-    run in four)."""
+    ``torch-flex``); an id with none of them is grouped by what comes before its case (its
+    check or property, adapter, device and dtype). Only the adapters are resolved here, not the
+    suite: a suite built on the controller while the workers collect made their collections
+    differ (about one run in four)."""
     try:
         resolved = [a.name for a in registry.resolve(refs)]
     except (registry.AdapterError, ImportError, AttributeError):
         resolved = []  # the workers report the bad --adapter value
     names = sorted(resolved, key=len, reverse=True)
-    dtype = rf"-[^-\]]+-(?:{'|'.join(map(re.escape, ALL_DTYPES))})-"
-    builtin = re.compile(rf"[\[-]({'|'.join(map(re.escape, names)) or '$^'}){dtype}")
-    stem = re.compile(rf"\[(.+?){dtype}")
+    dtype = rf"-[^-\]]+-(?:{'|'.join(map(re.escape, ALL_DTYPES))})(?=-)"
+    builtin = re.compile(rf"[\[-]((?:{'|'.join(map(re.escape, names)) or '$^'}){dtype})")
+    stem = re.compile(rf"\[(.+?{dtype})")
 
     def scope(nodeid: str) -> str:
         start = nodeid.find("[")
@@ -356,7 +359,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "label": session.config.getoption("--label"),
         "quick": suite.quick,
         "xdist_workers": xdist_workers(session.config),
-        "xdist_dist": "adapter"
+        "xdist_dist": "adapter-dtype"
         if session.config.stash.get(BY_ADAPTER, False)
         else getattr(session.config.option, "dist", "no"),  # "no" also without pytest-xdist installed
         # Files the run added to the compilation caches (impls/cache.py): 0 for a warm run.

@@ -75,35 +75,68 @@ def test_a_run_over_xdist_workers_reports_what_a_serial_run_reports(tmp_path):
         runs[name] = outcomes(report)
         data = json.loads(report.read_text())
         assert data["run"]["xdist_workers"] == (2 if extra else 0)
-        assert data["run"]["xdist_dist"] == {"serial": "no", "xdist": "adapter", "load": "load"}[name]
+        assert data["run"]["xdist_dist"] == {"serial": "no", "xdist": "adapter-dtype", "load": "load"}[name]
         workers[name] = defaultdict(set)
         for t in data["tests"]:
-            workers[name][t["adapter"]].add(t["meta"].get("xdist_worker"))
+            workers[name][t["adapter"], t["dtype"]].add(t["meta"].get("xdist_worker"))
     assert runs["xdist"] == runs["serial"] == runs["load"]
     assert {o for o, _, _ in runs["serial"].values()} >= {"passed", "failed", "skipped"}
-    # -n alone keeps each adapter on one worker (it traces and compiles its structures once);
-    # an explicit --dist is the user's choice, and spreads them.
+    # -n alone keeps each adapter's dtype on one worker (it traces and compiles its structures
+    # once); an explicit --dist is the user's choice, and spreads them.
     assert all(len(w) == 1 and None not in w for w in workers["xdist"].values()), workers["xdist"]
     assert any(len(w) == 2 for w in workers["load"].values()), workers["load"]
 
 
-def test_xdist_scopes_are_adapters():
-    """What pytest-xdist hands a worker whole: every test of one adapter, whatever the check or
-    property in front of its name; a longer built-in name is never read as a shorter one."""
+def test_xdist_scopes_are_an_adapters_dtypes():
+    """What pytest-xdist hands a worker whole: every test of one adapter, device and dtype,
+    whatever the check or property in front of its name; a longer built-in name is never read as
+    a shorter one."""
     from mha_conformance.plugin import adapter_scope
 
     scope = adapter_scope(["torch-*"])
     ids = {
-        "conformance/test_golden.py::test_golden[torch-flex-compiled-cpu-float32-seed_a]": "torch-flex-compiled",
-        "conformance/test_golden.py::test_golden[torch-flex-cpu-float32-seed_a]": "torch-flex",
-        "conformance/test_properties.py::test_property[masked-poison-nan-torch-flex-cpu-bfloat16-v_b]": "torch-flex",
-        "conformance/test_decoding.py::test_decoding[decoding-torch-mha-noweights-cpu-float64-c]": "torch-mha-noweights",
+        "conformance/test_golden.py::test_golden[torch-flex-compiled-cpu-float32-seed_a]": "torch-flex-compiled-cpu-float32",
+        "conformance/test_golden.py::test_golden[torch-flex-cpu-float32-seed_a]": "torch-flex-cpu-float32",
+        "conformance/test_properties.py::test_property[masked-poison-nan-torch-flex-cpu-bfloat16-v_b]": "torch-flex-cpu-bfloat16",
+        "conformance/test_decoding.py::test_decoding[decoding-torch-mha-noweights-cpu-float64-c]": "torch-mha-noweights-cpu-float64",
     }
     assert {nodeid: scope(nodeid) for nodeid in ids} == ids
     mine = adapter_scope([mutants.ref(mutants.Correct)])  # a user's adapter, by its own name
-    assert mine("t.py::test_property[batch-mutant-correct-twin-cpu-float16-c]") == "mutant-correct-twin"
-    assert mine("t.py::test_golden[other-cuda-float16-case]") == "other"  # unknown: up to the device
+    assert (
+        mine("t.py::test_property[batch-mutant-correct-twin-cpu-float16-c]")
+        == "mutant-correct-twin-cpu-float16"
+    )
+    assert (
+        mine("t.py::test_golden[other-cuda-float16-case]") == "other-cuda-float16"
+    )  # unknown: up to the case
     assert mine("tests/test_docs.py::test_links") == "tests/test_docs.py::test_links"
+
+
+def test_the_main_job_spreads_over_the_cores_unless_told_otherwise():
+    """``nox -s conformance`` on the CPU: one pytest-xdist worker per core (at most eight, none on
+    one core), unless the user names a worker count, a dispatch, a debugger or a device."""
+    nox = pytest.importorskip("nox")
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    assert nox.options is not None
+    found = spec_from_file_location("noxfile", Path(__file__).parents[1] / "noxfile.py")
+    noxfile = module_from_spec(found)
+    found.loader.exec_module(noxfile)
+    cores = min(os.cpu_count() or 1, noxfile.MAX_WORKERS)
+    default = ["-n", str(cores)] if cores > 1 else []
+    assert noxfile.default_workers([]) == default
+    assert noxfile.default_workers(["--quick", "--device", "cpu", "--no-header", "-rfE"]) == default
+    for given in (
+        ["-n", "0"],
+        ["-n3"],
+        ["--numprocesses=4"],
+        ["--dist", "load"],
+        ["-p", "no:xdist"],
+        ["--pdb"],
+    ):
+        assert noxfile.default_workers(given) == [], given
+    for device in ("cuda", "mps", "all"):
+        assert noxfile.default_workers(["--device", device]) == [], device
 
 
 def test_a_warm_parallel_run_gives_a_cold_serial_runs_verdicts(tmp_path):

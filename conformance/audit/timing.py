@@ -10,7 +10,8 @@ kinds after it then use; without one, the runs use this machine's own caches:
 * ``cold``: empty caches (JAX's executables, inductor's kernels, exported ONNX models);
 * ``warm``: the same command again (what a second ``nox -s conformance`` costs);
 * ``quick``: the quick tier (``--quick``), warm;
-* ``n1`` / ``n2``: warm, over 1 and 2 pytest-xdist workers (``-n 1`` / ``-n 2``);
+* ``serial`` / ``n1`` / ``n2``: warm, in one process and over 1 and 2 pytest-xdist workers
+  (``-n 0`` / ``-n 1`` / ``-n 2``, in place of any worker count given);
 * ``cold-quick`` / ``uncached-quick``: the quick tier from empty caches, with the persistent caches
   on (writing what they compile) and off (JAX's compilation cache and inductor's FX-graph and
   autograd caches disabled, as before the suite kept caches): whether the first run pays for
@@ -63,6 +64,7 @@ KINDS = {
     "cold": Kind(fresh=True),
     "warm": Kind(),
     "quick": Kind(("--quick",)),
+    "serial": Kind(("-n", "0")),
     "n1": Kind(("-n", "1")),
     "n2": Kind(("-n", "2")),
     "cold-quick": Kind(("--quick",), fresh=True),
@@ -84,7 +86,7 @@ def measure(label: str, kinds: Sequence[str], pytest_args: Sequence[str], out: P
                 folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch))
             env = {**os.environ, "MHA_CACHE_DIR": str(folder), **dict(kind.env)}
             env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's cache folder decides
-            run_kind(label, name, [*kind.args, *pytest_args], out, env, f"[{i}/{len(kinds)}]")
+            run_kind(label, name, [*pytest_args, *kind.args], out, env, f"[{i}/{len(kinds)}]")
 
 
 def run_kind(
@@ -156,7 +158,7 @@ def tables(found: dict[str, dict[str, dict[str, Any]]]) -> str:
             cells.append(seconds(run and run["duration"]) + (f" (+{added} cached)" if added > 0 else ""))
             if run:
                 totals[kind] += run["duration"]
-        full = next((reports[k] for k in ("warm", "cold", "n1", "n2") if k in reports), None)
+        full = next((reports[k] for k in ("warm", "cold", "serial", "n1", "n2") if k in reports), None)
         counts = f"{len(full['tests']) if full else '-'} / {len(reports['quick']['tests']) if 'quick' in reports else '-'}"
         diff = differences(reports)
         lines.append(
