@@ -2,7 +2,7 @@
 a run spread over pytest-xdist workers reports what a serial run reports, and a warm run (JAX's
 persistent compilation cache filled) gives a cold run's verdicts.
 
-Each runs the real suite in a subprocess, as a user would; docs/running.md has the figures.
+Each runs the real suite in a subprocess, as a user would; docs/speed.md has the figures.
 """
 
 from __future__ import annotations

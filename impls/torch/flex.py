@@ -34,6 +34,7 @@ float16 and bfloat16 only, so float64 is a skip on the CPU with that reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -163,16 +164,33 @@ class TorchFlex(TorchAdapter):
         h, hkv = spec["num_heads"], spec["num_kv_heads"]
         q = project_heads(params, query, "q", h, spec["head_dim"])
         score_mod, block_mask = mods(mask, bias, row, q.shape[2])
-        ctx = self.flex()(
-            q,
-            key,
-            value,
-            score_mod=score_mod,
-            block_mask=block_mask,
-            scale=spec["scale"],
-            enable_gqa=hkv != h,
-        )
+        with self.tracing():
+            ctx = self.flex()(
+                q,
+                key,
+                value,
+                score_mod=score_mod,
+                block_mask=block_mask,
+                scale=spec["scale"],
+                enable_gqa=hkv != h,
+            )
         return merge_and_project(params, ctx, spec)
+
+    def tracing(self) -> contextlib.AbstractContextManager:
+        """How dynamo traces the eager call (eager FlexAttention wraps its operation in
+        ``torch.compile``): every size symbolic from the first call, sizes of 1 included
+        (dynamo's ``assume_static_by_default`` off, ``backed_size_oblivious`` on), so that a new
+        batch, length or broadcast size reuses a trace. The golden forwards trace 84 times
+        instead of 108 (22.8 s instead of 28.0 s); every verdict figure of the adapter's full
+        run is the same. What still traces anew is a new dtype, head count or head width
+        (FlexAttention marks those static) or a new set of mods."""
+        t = import_torch()
+        from torch.fx.experimental import _config as fx_config
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(t._dynamo.config.patch(assume_static_by_default=False))
+        stack.enter_context(fx_config.patch(backed_size_oblivious=True))
+        return stack
 
     def forward(self, params, query, key, value, spec: Mapping[str, Any], mods, mask, bias):
         """The whole call: key and value projections, then :meth:`attend`."""
@@ -321,6 +339,10 @@ class TorchFlexCompiled(TorchFlex):
             config.fail_on_recompile_limit_hit = True
             _COMPILED.append(t.compile(flex_attention, fullgraph=True, dynamic=False))
         return _COMPILED[0]
+
+    def tracing(self) -> contextlib.AbstractContextManager:
+        """Static shapes, as compiled (``dynamic=False``)."""
+        return contextlib.nullcontext()
 
     def state(self) -> Any:
         from torch._dynamo.utils import counters
