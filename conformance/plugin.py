@@ -70,7 +70,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--quick",
         action="store_true",
         help="the quick tier: for each check and adapter, the fewest cases that still cover every "
-        "semantic axis in every dtype (about a tenth of the tests; docs/running.md)",
+        "semantic axis in every dtype (about a tenth of the tests; docs/speed.md)",
     )
     add("--report", type=Path, help="write the JSON report here")
     add("--history", type=Path, help="also write the report into this history folder")

@@ -170,10 +170,21 @@ def tables(found: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines.append(
         "| **all** | " + " | ".join(f"**{totals[k]:.0f}**" if every[k] else "-" for k in kinds) + " | | |"
     )
+    workers = sorted(
+        {
+            r["run"].get("xdist_workers", 0)
+            for rs in found.values()
+            for k, r in rs.items()
+            if k in DEFAULT_KINDS
+        }
+    )
     lines += [
         "",
         "Test time is pytest's session (collection, worker start-up and every test), as the run's "
         "report records it; `cold` starts from empty caches, `warm` is the same command again; "
+        f"`cold`, `warm` and `quick` ran as `nox -s conformance` runs them (pytest-xdist workers: "
+        f"{', '.join(map(str, workers)) or '-'}; 0 is one process), `serial` in one process, `n1` and "
+        "`n2` over one and two workers; "
         "(+N cached) counts the files a run added to the compilation caches (a warm run adds none).",
         "",
         "Where the warm run's test time goes (the tests' own durations summed by check, every "

@@ -7,7 +7,7 @@ form, per-batch lengths, missing biases or projections, odd widths, extreme valu
 precision and so on (:func:`axes`). The quick tier covers every axis and every dtype the full run
 covers, spreading the axes over the dtypes, by a greedy set cover in catalogue order
 (deterministic: the same tests on every machine), which takes about a tenth of the tests. ``tests/test_quick.py`` checks that it still kills every
-shipped mutant; docs/running.md says when to use which tier.
+shipped mutant; docs/speed.md says when to use which tier.
 """
 
 from __future__ import annotations

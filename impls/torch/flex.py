@@ -24,7 +24,7 @@ graph per structure (shapes, dtype, which mods) and the mods read every per-call
 decoding step, key lengths, mask, bias) and the case's integers (query length, window, causal)
 from tensors, so a new step, input or window never recompiles (eager FlexAttention traces its
 call with dynamo too: 108 traces for the golden forwards instead of 160, outputs bit for bit
-the same). Compiled code goes to the inductor cache (``MHA_CACHE_DIR``,
+the same; :meth:`TorchFlex.tracing`, sizes traced symbolically: 84). Compiled code goes to the inductor cache (``MHA_CACHE_DIR``,
 :func:`inductor_cache`), so a second run compiles nothing; each result's meta says whether
 its call compiled, hit the cache or reused the process's graph. Shapes are static: torch 2.13's
 dynamic-shape CPU template fails to build for head widths of 16 and more (a C++ compile error,
@@ -181,7 +181,7 @@ class TorchFlex(TorchAdapter):
         ``torch.compile``): every size symbolic from the first call, sizes of 1 included
         (dynamo's ``assume_static_by_default`` off, ``backed_size_oblivious`` on), so that a new
         batch, length or broadcast size reuses a trace. The golden forwards trace 84 times
-        instead of 108 (22.8 s instead of 28.0 s); every verdict figure of the adapter's full
+        instead of 108 (25 s of calls instead of 28 s); every verdict figure of the adapter's full
         run is the same. What still traces anew is a new dtype, head count or head width
         (FlexAttention marks those static) or a new set of mods."""
         t = import_torch()
