@@ -637,8 +637,7 @@ def forward_figures(adapter_name: str, shape: str, dtype: str, causal: bool, dev
 
 def measure_peak(config: Configuration) -> float:
     """The device's GEMM rate in GFLOP/s: the best of several n x n products in the same
-    framework, dtype and device (n from ``PEAK_N``); under ``asv run --quick``, one product
-    (its figure is not kept, and a float16 product takes 3 s on a CPU without float16 units)."""
+    framework, dtype and device (n from ``PEAK_N``)."""
     if config.bench.matmul is None:
         raise NotImplementedError(f"{config.label}: the adapter offers no matmul for the peak")
     n = PEAK_N.get(config.device, 4096)
@@ -648,8 +647,6 @@ def measure_peak(config: Configuration) -> float:
         product()
         sync()
 
-    if quick():
-        return 2.0 * n**3 / timed(once) / 1e9
     once()
     best = min(timed(once) for _ in range(5))
     return 2.0 * n**3 / best / 1e9

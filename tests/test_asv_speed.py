@@ -361,28 +361,3 @@ def test_quick_runs_each_timed_body_once(monkeypatch):
     monkeypatch.setenv(common.QUICK_ENV, "")
     assert forward.number == common.calls_per_sample(forward.config.estimate)
     assert gradients.number == common.calls_per_sample(gradients.call_seconds)
-
-
-def test_quick_measures_the_peak_with_one_product(monkeypatch):
-    """Under ``--quick`` the device's peak is one timed n x n product (its figure is not kept);
-    otherwise a warm-up and the best of five."""
-    pytest.importorskip("torch")
-    config = common.configuration("torch-sdpa", "gpt-t128", "float32", True, "cpu")
-    made = config.bench.matmul
-    calls = []
-
-    def counting(n):
-        product = made(n)
-
-        def counted():
-            calls.append(n)
-            return product()
-
-        return counted
-
-    monkeypatch.setattr(config.bench, "matmul", counting)
-    for flag, expected in (("1", 1), ("", 6)):
-        monkeypatch.setenv(common.QUICK_ENV, flag)
-        calls.clear()
-        assert common.measure_peak(config) > 0
-        assert calls == [common.PEAK_N["cpu"]] * expected
