@@ -126,7 +126,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 #: Whether pytest-xdist's workers get each adapter's dtypes whole (``-n`` without ``--dist``).
-BY_ADAPTER = pytest.StashKey[bool]()
+BY_ADAPTER_DTYPE = pytest.StashKey[bool]()
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
@@ -146,12 +146,12 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
     scope = adapter_scope(config.getoption("--adapter") or ["*"])
 
-    class ByAdapter(LoadScopeScheduling):
+    class ByAdapterDtype(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return scope(nodeid)
 
-    config.stash[BY_ADAPTER] = True
-    return ByAdapter(config, log)
+    config.stash[BY_ADAPTER_DTYPE] = True
+    return ByAdapterDtype(config, log)
 
 
 def adapter_scope(refs: list[str]) -> Callable[[str], str]:
@@ -360,7 +360,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "quick": suite.quick,
         "xdist_workers": xdist_workers(session.config),
         "xdist_dist": "adapter-dtype"
-        if session.config.stash.get(BY_ADAPTER, False)
+        if session.config.stash.get(BY_ADAPTER_DTYPE, False)
         else getattr(session.config.option, "dist", "no"),  # "no" also without pytest-xdist installed
         # Files the run added to the compilation caches (impls/cache.py): 0 for a warm run.
         "cache_added": cache.entries() - suite.cache_entries,

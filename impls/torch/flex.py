@@ -24,8 +24,8 @@ graph per structure (shapes, dtype, which mods) and the mods read every per-call
 decoding step, key lengths, mask, bias) and the case's integers (query length, window, causal)
 from tensors, so a new step, input or window never recompiles (eager FlexAttention traces its
 call with dynamo too: 108 traces for the golden forwards instead of 160, outputs bit for bit
-the same; :meth:`TorchFlex.tracing`, sizes traced symbolically: 84). Compiled code goes to the inductor cache (``MHA_CACHE_DIR``,
-:func:`inductor_cache`), so a second run compiles nothing; each result's meta says whether
+the same; 84 with its sizes traced symbolically, :meth:`TorchFlex.tracing`). Compiled code goes
+to the inductor cache (``MHA_CACHE_DIR``, :func:`inductor_cache`), so a second run compiles nothing; each result's meta says whether
 its call compiled, hit the cache or reused the process's graph. Shapes are static: torch 2.13's
 dynamic-shape CPU template fails to build for head widths of 16 and more (a C++ compile error,
 ``cur_qSplitSize4`` undeclared; docs/findings.md), and the inductor CPU template takes float32,
