@@ -11,6 +11,8 @@ what is measured changes.
 
 from __future__ import annotations
 
+import time
+
 from . import common
 
 common.preload()  # under asv's forkserver: imported once, before the fork of every benchmark
@@ -29,6 +31,15 @@ class _Attention:
     warmup_time = 0.0
     timeout = 600  # covers building, compiling and warming up a long sequence
 
+    def teardown(self, adapter: str, shape: str, dtype: str, causal: bool) -> None:
+        """Add this process's seconds, from its setup on, to the configuration's cost in the run
+        cache (``common.record_seconds``)."""
+        started = self.__dict__.get("started")
+        if started is not None:
+            key = common.config_key(adapter, shape, dtype, causal, common.device())
+            common.record_seconds(key, time.perf_counter() - started)
+            del self.started  # asv may set up and tear down again in one process
+
 
 class Forward(_Attention):
     """Forward pass: time and peak memory of the process.
@@ -40,6 +51,7 @@ class Forward(_Attention):
     """
 
     def setup(self, adapter: str, shape: str, dtype: str, causal: bool) -> None:
+        self.started = time.perf_counter()
         self.config = common.configuration(adapter, shape, dtype, causal, common.device())
 
     @property
@@ -55,6 +67,7 @@ class Forward(_Attention):
         config = self.__dict__.get("config")  # None: setup skipped (asv tears down anyway)
         if config is not None:
             config.record_median()  # for the track_ benchmarks of this run
+        super().teardown(adapter, shape, dtype, causal)
 
     def time_forward(self, adapter: str, shape: str, dtype: str, causal: bool) -> None:
         self.config.forward_recorded()
@@ -71,6 +84,7 @@ class Roofline(_Attention):
     """Achieved GFLOP/s of the forward pass and its fraction of the device's measured peak."""
 
     def setup(self, adapter: str, shape: str, dtype: str, causal: bool) -> None:
+        self.started = time.perf_counter()
         self.where = (adapter, shape, dtype, causal, common.device())
         self.figures = common.forward_figures(*self.where)
 
@@ -95,6 +109,7 @@ class Gradients(_Attention):
     cache knows which paths cannot backprop, so those skip without importing a framework."""
 
     def setup(self, adapter: str, shape: str, dtype: str, causal: bool) -> None:
+        self.started = time.perf_counter()
         self.backward = common.backward_of(adapter, shape, dtype, causal, common.device())
 
     @property

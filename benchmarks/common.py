@@ -104,11 +104,17 @@ PEAK_N = {"cpu": 2048, "cuda": 8192, "mps": 4096}
 PRELOAD_ENV = "MHA_BENCH_PRELOAD"
 #: Set by the runner for ``asv run --quick`` (:func:`quick`).
 QUICK_ENV = "MHA_BENCH_QUICK"
-#: What each adapter's timed path imports, by adapter-name glob (every matching glob counts).
+#: What each adapter's timed path imports, by adapter-name glob (every matching glob counts);
+#: ``module:function`` also calls ``function()``: a probe of the machine that every process
+#: would repeat and that keeps its answer in the process (it must start no thread).
 PRELOADS: dict[str, tuple[str, ...]] = {
     "torch-*": ("torch",),
     "torch-flex*": ("torch.nn.attention.flex_attention",),
-    "torch-flex-compiled": ("torch._dynamo", "torch._inductor.compile_fx"),
+    "torch-flex-compiled": (
+        "torch._dynamo",
+        "torch._inductor.compile_fx",
+        "mha_conformance.impls.torch.flex:probe_cpu_compiler",
+    ),
     "jax-*": ("jax",),
     "flax-*": ("jax", "flax.nnx"),
     "keras-*": ("keras",),
@@ -142,7 +148,8 @@ def preload() -> list[str]:
     The forkserver imports the suite once and forks a process per benchmark: what is imported
     here is loaded in every benchmark for free (torch costs 1-2 s per process, and a
     configuration takes five processes). Importing runs no operation, so no framework has
-    started a thread pool or a device runtime that a fork would break; the runner sets the
+    started a thread pool or a device runtime that a fork would break; a probe
+    (``module:function``, :data:`PRELOADS`) only runs child processes that have ended. The runner sets the
     variable only for devices and frameworks that run under the forkserver (``runner.py``).
     Keras and JAX go through the suite's own importers, which configure them (the Keras backend,
     float64, the compilation cache) before anything runs. asv's discovery process, and a
@@ -161,7 +168,10 @@ def preload() -> list[str]:
 
             import_jax()
         else:
-            importlib.import_module(name)
+            module, _, probe = name.partition(":")
+            imported = importlib.import_module(module)
+            if probe:
+                getattr(imported, probe)()
     return names
 
 
@@ -414,8 +424,13 @@ def gate(bench: Bench, inputs: dict[str, np.ndarray], spec: dict[str, Any], dtyp
     return verdict.ratio
 
 
-def config_key(adapter_name: str, shape: str, dtype: str, causal: bool, dev: str) -> str:
-    return f"{adapter_name}|{shape}|{dtype}|causal={causal}|{dev}|threads={bench_threads()}"
+def config_key(
+    adapter_name: str, shape: str, dtype: str, causal: bool, dev: str, threads: int | None = None
+) -> str:
+    """A configuration's key in the run cache: its parameters, device and thread count (this
+    process's ``bench_threads()`` unless given)."""
+    threads = bench_threads() if threads is None else threads
+    return f"{adapter_name}|{shape}|{dtype}|causal={causal}|{dev}|threads={threads}"
 
 
 def read_run_cache() -> dict[str, Any]:
@@ -446,6 +461,15 @@ def update_run_cache(section: str, key: str, value: dict[str, Any]) -> None:
     entries[key] = {**entries.get(key, {}), **value}
     data[section] = entries
     _write_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True)))
+
+
+def record_seconds(key: str, seconds: float) -> None:
+    """Add one benchmark process's seconds (its setup to its teardown) to the configuration's
+    entry in the run cache: what the configuration costs, by which the runner deals the next
+    ``--quick`` run's configurations out evenly (``runner.deal``)."""
+    entry = read_run_cache().get("configs", {}).get(key)
+    spent = entry.get("seconds") if isinstance(entry, dict) else None
+    update_run_cache("configs", key, {"seconds": (spent if isinstance(spent, float) else 0.0) + seconds})
 
 
 def cached_config(key: str) -> dict[str, Any] | None:
@@ -636,8 +660,9 @@ def forward_figures(adapter_name: str, shape: str, dtype: str, causal: bool, dev
 
 
 def measure_peak(config: Configuration) -> float:
-    """The device's GEMM rate in GFLOP/s: the best of several n x n products in the same
-    framework, dtype and device (n from ``PEAK_N``)."""
+    """The device's GEMM rate in GFLOP/s: the best of five n x n products in the same
+    framework, dtype and device (n from ``PEAK_N``), after a warm-up; one under ``--quick``
+    (:func:`quick`: its figures are not kept)."""
     if config.bench.matmul is None:
         raise NotImplementedError(f"{config.label}: the adapter offers no matmul for the peak")
     n = PEAK_N.get(config.device, 4096)
@@ -648,7 +673,7 @@ def measure_peak(config: Configuration) -> float:
         sync()
 
     once()
-    best = min(timed(once) for _ in range(5))
+    best = min(timed(once) for _ in range(1 if quick() else 5))
     return 2.0 * n**3 / best / 1e9
 
 

@@ -41,6 +41,26 @@ def record_run(cache_file: Path, info: dict[str, Any]) -> None:
     cache_file.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
+def quick_seconds(machine: str, runs: Path = RUNS) -> dict[str, float]:
+    """What each configuration cost (seconds of its benchmark processes, by run-cache key) in the
+    newest ``--quick`` run on ``machine`` that ran it: how the runner deals the next one out."""
+    found: dict[str, float] = {}
+    for path in sorted(runs.glob(f"{machine}-*.json"), reverse=True):  # newest first
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        run = data.get("run") if isinstance(data, dict) else None
+        configs = data.get("configs") if isinstance(data, dict) else None
+        if not isinstance(run, dict) or not run.get("quick") or not isinstance(configs, dict):
+            continue
+        for key, entry in configs.items():
+            seconds = entry.get("seconds") if isinstance(entry, dict) else None
+            if isinstance(seconds, float) and seconds > 0:
+                found.setdefault(key, seconds)
+    return found
+
+
 def head() -> str:
     """HEAD's full hash ('' outside a git checkout)."""
     done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)

@@ -38,6 +38,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from mha_conformance.impls.bench import THREADS_ENV
+
 from . import common, measured, spread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,10 +266,24 @@ def run(
         print(f"benchmarks: launch method {p['launch_method']} ({p['launch_method_why']})")
     cmd = ["asv", "run", "--python=same", "--machine", p["machine"], *launch, *record, *asv_args]
     jobs = quick_jobs(jobs, quick, device, len(p["bench"]))
+    groups, cores = [p["bench"]], [[]]
     if jobs > 1:
-        print(f"benchmarks: {jobs} asv runs side by side (--quick on a CPU: nothing is recorded)")
+        # A user's own --cpu-affinity reaches every run unchanged: then none is pinned here.
+        cores = share_cores(jobs) if "--cpu-affinity" not in asv_args else [[] for _ in range(jobs)]
+        threads = len(cores[0]) or p["threads"]
+        known = measured.quick_seconds(p["machine"])
+        keys = [common.config_key(*c, device, threads) for c in p["configurations"]]
+        costs = [known.get(k) or guess_seconds(c[1]) for k, c in zip(keys, p["configurations"], strict=True)]
+        groups, loads = deal(p["bench"], costs, jobs)
+        where = " / ".join(f"CPU {','.join(map(str, c))}" for c in cores) if cores[0] else "unpinned"
+        print(
+            f"benchmarks: {jobs} asv runs side by side (--quick on a CPU: nothing is recorded), {where}, "
+            f"{threads} thread(s) each; dealt by each configuration's seconds in the last quick run "
+            f"({sum(k in known for k in keys)} of {len(keys)} known, the others guessed by length): "
+            f"{' / '.join(f'{x:.0f}' for x in loads)} s expected"
+        )
     started = time.time()
-    returncode = run_asv(cmd, p["bench"], jobs, env, cache_file)
+    returncode = run_asv(cmd, groups, env, cache_file, cores)
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     print(summary(cache))
     written = [
@@ -320,12 +336,50 @@ def quick_jobs(asked: int | None, quick: bool, device: str, configurations: int)
     return max(1, min(wanted, configurations))
 
 
-def run_asv(cmd: list[str], bench: list[str], jobs: int, env: dict[str, str], cache_file: Path) -> int:
-    """``cmd`` over the ``--bench`` regexes of ``bench``, as one asv run or as ``jobs`` runs side
-    by side, the configurations dealt out in turn (so each adapter's cost is shared), each with
-    its own run cache and forkserver; their caches are merged into ``cache_file`` and the output
+def share_cores(jobs: int) -> list[list[int]]:
+    """The CPUs this process may use, split into ``jobs`` sets (every job at least one CPU): one
+    set per asv run side by side, each run's benchmarks pinned to its set (asv's
+    ``--cpu-affinity``) with as many threads. Unpinned, every run's processes would each start a
+    thread per core, twice as many threads as cores, and wait on each other's time slices."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < jobs:
+        return [[] for _ in range(jobs)]  # not pinnable here: every run uses every core
+    size = len(cpus) // jobs
+    return [cpus[i * size : (i + 1) * size] for i in range(jobs)]
+
+
+def guess_seconds(shape: str) -> float:
+    """A configuration's cost before any quick run measured it: more for longer sequences (on two
+    cores a quick run's configuration takes ~1 s at 128 tokens, 2-6 s at 2048)."""
+    tokens = int(shape.rpartition("-t")[2])
+    return 1.0 + 2.0 * (tokens / 2048) ** 2
+
+
+def deal(bench: list[str], costs: list[float], jobs: int) -> tuple[list[list[str]], list[float]]:
+    """The ``--bench`` regexes dealt out to ``jobs`` runs so that their expected seconds even out
+    (the costliest first, each to the run with the fewest seconds so far: within 4/3 of the best
+    split), in the plan's order within a run; returns the groups and their expected seconds."""
+    loads, chosen = [0.0] * jobs, [[] for _ in range(jobs)]
+    for i in sorted(range(len(bench)), key=lambda i: (-costs[i], i)):
+        run = loads.index(min(loads))
+        loads[run] += costs[i]
+        chosen[run].append(i)
+    return [[bench[i] for i in sorted(group)] for group in chosen], loads
+
+
+def run_asv(
+    cmd: list[str],
+    groups: list[list[str]],
+    env: dict[str, str],
+    cache_file: Path,
+    cores: list[list[int]] | None = None,
+) -> int:
+    """``cmd`` over the ``--bench`` regexes of each group: one asv run, or several side by side
+    (:func:`deal`), each with its own run cache and forkserver, and pinned to its ``cores`` (as
+    many threads; none: unpinned); their caches are merged into ``cache_file`` and the output
     lines prefixed by the run's number. Returns the worst exit status."""
-    groups = [bench[i::jobs] for i in range(jobs)]
+    jobs = len(groups)
+    cores = cores or [[] for _ in groups]
     parts = [cache_file] if jobs == 1 else [cache_file.with_suffix(f".{i + 1}.json") for i in range(jobs)]
     procs: list[subprocess.Popen] = []
     readers: list[threading.Thread] = []
@@ -341,10 +395,15 @@ def run_asv(cmd: list[str], bench: list[str], jobs: int, env: dict[str, str], ca
 
     for i, (group, part) in enumerate(zip(groups, parts, strict=True)):
         selection = [a for regex in group for a in ("--bench", regex)]
+        own = {common.RUN_CACHE_ENV: str(part)}
+        pin = []
+        if cores[i]:
+            pin = ["--cpu-affinity", ",".join(map(str, cores[i]))]
+            own[THREADS_ENV] = str(len(cores[i]))
         proc = subprocess.Popen(
-            [*cmd, *selection],
+            [*cmd, *pin, *selection],
             cwd=ROOT,
-            env={**env, common.RUN_CACHE_ENV: str(part)},
+            env={**env, **own},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

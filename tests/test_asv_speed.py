@@ -157,6 +157,7 @@ def test_launch_method_per_backend_and_device(monkeypatch):
     assert common.preload_modules(["torch-sdpa"]) == ["torch"]
     flex = common.preload_modules(["torch-sdpa", "torch-flex-compiled"])
     assert flex[0] == "torch" and "torch._inductor.compile_fx" in flex
+    assert flex[-1] == "mha_conformance.impls.torch.flex:probe_cpu_compiler"  # after its imports
     assert common.preload_modules(["keras-mha-jax", "flax-mha"]) == ["keras", "jax", "flax.nnx"]
 
 
@@ -176,15 +177,21 @@ def test_plan_preloads_the_environment_not_the_selection():
     ]
 
 
-def test_preload_imports_only_in_the_forkserver(monkeypatch):
+def test_preload_imports_only_in_the_forkserver(monkeypatch, tmp_path):
     """``MHA_BENCH_PRELOAD`` is honoured in asv's forkserver (``benchmark.py run_server``) only:
-    asv's discovery and a spawned benchmark would pay for the imports and gain nothing."""
-    monkeypatch.setenv(common.PRELOAD_ENV, "json, xml.dom.minidom")
+    asv's discovery and a spawned benchmark would pay for the imports and gain nothing. A
+    ``module:function`` entry also runs the module's probe there."""
+    (tmp_path / "preload_probe.py").write_text("CALLS = []\ndef probe():\n    CALLS.append(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(common.PRELOAD_ENV, "json, xml.dom.minidom, preload_probe:probe")
     monkeypatch.setattr(sys, "argv", ["benchmark.py", "discover", "dir", "out"])
     assert common.preload() == []
+    assert "preload_probe" not in sys.modules
     monkeypatch.delitem(sys.modules, "xml.dom.minidom", raising=False)
     monkeypatch.setattr(sys, "argv", ["benchmark.py", "run_server", "dir", "socket"])
-    assert common.preload() == ["json", "xml.dom.minidom"] and "xml.dom.minidom" in sys.modules
+    assert common.preload() == ["json", "xml.dom.minidom", "preload_probe:probe"]
+    assert "xml.dom.minidom" in sys.modules and sys.modules["preload_probe"].CALLS == [1]
+    monkeypatch.delitem(sys.modules, "preload_probe")
 
 
 def test_gate_reference_store(tmp_path, monkeypatch):
@@ -337,12 +344,66 @@ def test_quick_runs_go_side_by_side(tmp_path):
     ]
     log = tmp_path / "log.json"
     bench = [runner.param_regex(*c) for c in configurations]
-    assert runner.run_asv([*cmd, "--show-stderr"], bench, 2, env, log) == 0
+    groups, _ = runner.deal(bench, [1.0, 1.0, 1.0], 2)
+    cores = runner.share_cores(2)
+    assert runner.run_asv([*cmd, "--show-stderr"], groups, env, log, cores) == 0
     assert sorted(p.name for p in tmp_path.glob("log*.json")) == ["log.json"]  # the parts are merged away
     configs = json.loads(log.read_text())["configs"]
+    threads = len(cores[0]) or None  # pinned: one thread per CPU of the run's share
     for c in configurations:
-        entry = configs[common.config_key(*c, "cpu")]
+        entry = configs[common.config_key(*c, "cpu", threads)]
         assert entry["status"] == "ok" and entry["gate_ratio"] <= 2, (c, entry)
+        assert entry["seconds"] > 0, (c, entry)  # the configuration's cost, for the next dealing
+        if threads:
+            assert entry["meta"]["threads"] == str(threads), (c, entry)
+
+
+def test_quick_runs_are_dealt_by_what_each_configuration_cost():
+    """Side-by-side runs get configurations by expected seconds (costliest first, to the run
+    with the fewest so far), each run keeping the plan's order; a never-measured configuration
+    is guessed by its length."""
+    bench = ["a", "b", "c", "d", "e", "f"]
+    groups, loads = runner.deal(bench, [1.0, 5.0, 1.0, 1.0, 1.0, 1.0], 2)
+    assert sorted(sum(groups, [])) == bench and loads == [5.0, 5.0]
+    assert groups == [["b"], ["a", "c", "d", "e", "f"]]
+    # Round robin would have put the costly one with two others: 7 s against 3 s.
+    groups, loads = runner.deal(bench, [3.0, 3.0, 2.0, 2.0, 2.0, 2.0], 3)
+    assert loads == [5.0, 5.0, 4.0] and all(g == sorted(g) for g in groups)
+    assert (
+        runner.guess_seconds("gpt-t2048")
+        > runner.guess_seconds("gpt-t512")
+        > runner.guess_seconds("gpt-t128")
+    )
+
+
+def test_side_by_side_runs_share_the_cores(monkeypatch):
+    """Each run side by side gets an equal share of the CPUs this process may use (pinned with
+    asv's --cpu-affinity, as many threads); with fewer CPUs than runs none is pinned."""
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {4, 5, 6, 7, 9}, raising=False)
+    assert runner.share_cores(2) == [[4, 5], [6, 7]]
+    assert runner.share_cores(5) == [[4], [5], [6], [7], [9]]
+    assert runner.share_cores(6) == [[]] * 6
+
+
+def test_quick_costs_come_from_the_newest_quick_run(tmp_path):
+    """What a configuration cost is read from the newest ``--quick`` run log that ran it; full runs
+    (their timing dominates) and damaged logs are passed over."""
+    from benchmarks import measured
+
+    def log(name: str, quick: bool, seconds: dict[str, float]) -> None:
+        path = tmp_path / f"m-cpu-{name}.json"
+        path.write_text(
+            json.dumps({"configs": {k: {"status": "ok", "seconds": v} for k, v in seconds.items()}})
+        )
+        measured.record_run(path, {"quick": quick, "label": "torch"})
+
+    log("20260101T000000Z", True, {"a": 1.0, "b": 2.0})
+    log("20260102T000000Z", True, {"a": 3.0})
+    log("20260103T000000Z", False, {"a": 30.0, "b": 40.0})
+    (tmp_path / "m-cpu-20260104T000000Z.json").write_text("{damaged")
+    log("20260105T000000Z", True, {"c": 0.0})  # no cost: not a measurement
+    assert measured.quick_seconds("m-cpu", tmp_path) == {"a": 3.0, "b": 2.0}
+    assert measured.quick_seconds("other-cpu", tmp_path) == {}
 
 
 def test_quick_runs_each_timed_body_once(monkeypatch):

@@ -92,6 +92,32 @@ def test_flex_compiled_second_run_compiles_nothing(tmp_path):
     assert (tmp_path / "cache" / "torchinductor").is_dir()
 
 
+def test_the_cpu_compiler_probe_starts_no_thread(tmp_path):
+    """``probe_cpu_compiler`` (run in asv's forkserver before it forks the benchmarks) leaves
+    inductor's answer about the CPU's vector instructions in the process, in the suite's cache,
+    and starts no thread: a fork of it stays safe."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    code = (
+        "import os, torch\n"
+        "from torch._inductor.cpu_vec_isa import valid_vec_isa_list\n"
+        "from mha_conformance.impls.torch.flex import probe_cpu_compiler\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "probe_cpu_compiler()\n"
+        "print(valid_vec_isa_list.cache_info().currsize, before, len(os.listdir('/proc/self/task')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["MHA_CACHE_DIR"] = str(tmp_path / "cache")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cached, before, after = map(int, done.stdout.split())
+    assert cached == 1 and after == before
+    assert any((tmp_path / "cache" / "torchinductor").iterdir())  # built in the suite's cache
+
+
 def test_eager_flex_reuses_a_trace_for_new_sizes():
     """Eager FlexAttention traces its call with dynamo; ``torch-flex`` has it trace sizes
     symbolically, sizes of 1 included, so a case of the same structure with other lengths (here

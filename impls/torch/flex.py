@@ -59,6 +59,19 @@ def inductor_cache() -> Path:
     return path
 
 
+def probe_cpu_compiler() -> None:
+    """Point inductor at the suite's cache (:func:`inductor_cache`) and let it probe the CPU's
+    vector instructions now. The first CPU kernel a process compiles or loads first builds and
+    loads a test library per instruction set (``valid_vec_isa_list``: ~1.2 s of compiler and
+    child processes here, kept in the process). Run before asv forks a benchmark process
+    (``benchmarks/common.py``, ``PRELOADS``), it is paid once per run, not per process. It starts
+    no thread and runs no torch operation: only child processes, which have ended."""
+    inductor_cache()
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    valid_vec_isa_list()
+
+
 def _index(tensor, b, h, q_idx, kv_idx):
     """``tensor[b, h, q, kv]`` for a tensor broadcast along its size-1 batch and head axes."""
     zero = b * 0
