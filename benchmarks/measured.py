@@ -120,8 +120,8 @@ def render(machine: str, commit: str, runs: Path = RUNS, results: Path = RESULTS
         "",
         "Wall time is asv's (from its start to its exit, every benchmark process included), as the "
         "runner prints it; `nox -s benchmarks` adds a few seconds per backend for pip and the plan. "
-        "A `--quick` run goes as several asv runs side by side, one per core (`--jobs`), since it "
-        "records nothing.",
+        "A `--quick` run goes as several asv runs side by side, one per core (`--jobs`), each pinned "
+        "to its share of the cores, since it records nothing.",
     ]
     files = sorted((results / machine).glob(f"{commit[:8]}-*.json"))
     spreads = [s for f in files for s in spread.read_spreads(f)]
