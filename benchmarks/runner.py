@@ -14,8 +14,11 @@
 * **Run**: ``asv run --python=same`` in this environment, with the launch method of
   :func:`launch_method` (``forkserver`` on a CPU, the environment's frameworks imported once
   before the fork: ``MHA_BENCH_PRELOAD``); with a clean git tree it records history
-  (``--set-commit-hash HEAD``), otherwise it runs without saving and says so. Table rows of
-  unselected parameters (asv prints every combination) are left out.
+  (``--set-commit-hash HEAD``), otherwise it runs without saving and says so. A ``--quick``
+  run on a CPU goes as one asv run per core side by side, each pinned to its share of the cores
+  (:func:`share_cores`) and given the configurations by what they cost in the last quick run
+  (:func:`deal`). Table rows of unselected parameters (asv prints every combination) are left
+  out.
 * **Summary**: every configuration's status, median forward time and gate ratio, from the
   run cache (``.asv/runs/<machine>-<time>.json``, which stays as the run's log), and, when
   results were recorded, the spread of this run's timings (``benchmarks/spread.py``).
