@@ -41,11 +41,14 @@ def record_run(cache_file: Path, info: dict[str, Any]) -> None:
     cache_file.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
-def quick_seconds(machine: str, runs: Path = RUNS) -> dict[str, float]:
+def quick_seconds(machine: str, runs: Path = RUNS, wanted: set[str] | None = None) -> dict[str, float]:
     """What each configuration cost (seconds of its benchmark processes, by run-cache key) in the
-    newest ``--quick`` run on ``machine`` that ran it: how the runner deals the next one out."""
+    newest ``--quick`` run on ``machine`` that ran it: how the runner deals the next one out.
+    With ``wanted`` keys, older logs are not read once every one of them is found."""
     found: dict[str, float] = {}
     for path in sorted(runs.glob(f"{machine}-*.json"), reverse=True):  # newest first
+        if wanted is not None and wanted <= found.keys():
+            break
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):

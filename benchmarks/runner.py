@@ -274,8 +274,8 @@ def run(
         # A user's own --cpu-affinity reaches every run unchanged: then none is pinned here.
         cores = share_cores(jobs) if "--cpu-affinity" not in asv_args else [[] for _ in range(jobs)]
         threads = len(cores[0]) or p["threads"]
-        known = measured.quick_seconds(p["machine"])
         keys = [common.config_key(*c, device, threads) for c in p["configurations"]]
+        known = measured.quick_seconds(p["machine"], wanted=set(keys))
         costs = [known.get(k) or guess_seconds(c[1]) for k, c in zip(keys, p["configurations"], strict=True)]
         groups, loads = deal(p["bench"], costs, jobs)
         where = " / ".join(f"CPU {','.join(map(str, c))}" for c in cores) if cores[0] else "unpinned"

@@ -404,6 +404,7 @@ def test_quick_costs_come_from_the_newest_quick_run(tmp_path):
     log("20260105T000000Z", True, {"c": 0.0})  # no cost: not a measurement
     assert measured.quick_seconds("m-cpu", tmp_path) == {"a": 3.0, "b": 2.0}
     assert measured.quick_seconds("other-cpu", tmp_path) == {}
+    assert measured.quick_seconds("m-cpu", tmp_path, wanted={"a"}) == {"a": 3.0}  # stops reading there
 
 
 def test_quick_runs_each_timed_body_once(monkeypatch):
