@@ -113,6 +113,7 @@ class Gradients(_Attention):
 
     def setup(self, adapter: str, shape: str, dtype: str, causal: bool) -> None:
         self.started = time.perf_counter()
+        self.where = (adapter, shape, dtype, causal)
         self.backward = common.backward_of(adapter, shape, dtype, causal, common.device())
 
     @property
@@ -125,6 +126,8 @@ class Gradients(_Attention):
             return 1
         if "call_seconds" not in self.__dict__:
             self.call_seconds = common.calibrate(backward, warm=False)
+            key = common.config_key(*self.where, common.device())
+            common.update_run_cache("configs", key, {"backward_call_seconds": self.call_seconds})
         return common.calls_per_sample(self.call_seconds)
 
     def time_backward(self, adapter: str, shape: str, dtype: str, causal: bool) -> None:

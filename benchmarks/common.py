@@ -543,6 +543,9 @@ class Configuration:
         if self.estimate is None:
             self.estimate = calibrate(self.forward, self.warm)
             self.warm = True
+            update_run_cache(
+                "configs", self.key, {"forward_call_seconds": self.estimate}
+            )  # how number was set
         return self.estimate
 
     def forward_recorded(self) -> None:

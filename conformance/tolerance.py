@@ -23,7 +23,7 @@ valid order of operations on every machine (docs/tolerance.md has the evidence):
   to zero. ``eps64`` is the float64 truth's own uncertainty (for float64, whose baseline is
   zero, it carries the rule: a single float32 step fails every ordinary case); ``u = eps/2`` is
   the dtype's unit roundoff.
-* ``FLOOR_C = 1/4`` is the smallest power of two that keeps every valid order outside the
+* ``FLOOR_C = 1/4`` (with :func:`floor`, in ``impls/error_model.py``) is the smallest power of two that keeps every valid order outside the
   ensemble (``impls/variants/valid_orders.py``) at or below half the limit on every case; the largest
   any needs is 0.21 (``python -m mha_conformance.audit.sensitivity --valid-orders``). Smaller would fail
   correct kernels elsewhere; larger would only loosen (the sensitivity table says by how much).
@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-#: Machine epsilon per dtype name (bfloat16 keeps 8 significant bits).
-EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+from mha_conformance.impls.error_model import floor
+
 DEFAULT_K = 2.0
 
 
@@ -119,22 +119,6 @@ def locate(over: np.ndarray, tensor: str) -> str:
         above = np.triu(np.ones((tq, tk), dtype=bool), k=tk - tq + 1)  # keys a causal query must not see
         text += f" ({int((over & above).sum())} of them above the causal diagonal)"
     return text
-
-
-#: The dtype floor's constant (see the module docstring and docs/tolerance.md).
-FLOOR_C = 1.0 / 4
-
-
-def floor(dtype: str, expected_max: float, error_scale: dict[str, float]) -> float:
-    """Half an ulp of the largest expected value, plus ``(eps64 + FLOOR_C * u(dtype)) * sqrt(terms)
-    * rms_magnitude``: the float64 truth's own uncertainty and the dtype's analytic floor."""
-    if "rms_magnitude" not in error_scale:
-        raise ValueError(
-            "the case's error scale has no 'rms_magnitude': its vector files were written before the "
-            "ensemble tolerance rule; run `python -m mha_conformance.vectors generate` (or use the committed vectors)"
-        )
-    unit = float(np.sqrt(error_scale["terms"])) * error_scale["rms_magnitude"]
-    return EPS[dtype] / 2 * expected_max + (EPS["float64"] + FLOOR_C * EPS[dtype] / 2) * unit
 
 
 def judge(

@@ -16,6 +16,10 @@ where the value itself cancels to zero (a lone key's query gradient), which is w
 for. A replay on absolute values (``|x| . |y|``, the worst case) was used before and overestimates
 real errors 10^2 to 10^5 times on the gradients: enough to let a float32-rounded gradient pass a
 float64 check (docs/tolerance.md).
+
+:func:`floor` turns them into the tolerance rule's floor for a dtype; the rule itself (the baseline,
+``k``, the verdict) is ``conformance/tolerance.py``'s, and ``vectors/verify.py`` holds a recomputed
+float64 truth to the same floor.
 """
 
 from __future__ import annotations
@@ -36,6 +40,30 @@ from mha_conformance.impls.reference import (
     split_heads,
     sum_groups,
 )
+
+#: Machine epsilon per dtype name (bfloat16 keeps 8 significant bits).
+EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+#: The dtype floor's constant: the smallest power of two that keeps every valid order outside the
+#: ensemble (``impls/variants/valid_orders.py``) at or below half the limit on every case
+#: (docs/tolerance.md; ``python -m mha_conformance.audit.sensitivity --valid-orders``).
+FLOOR_C = 1.0 / 4
+
+
+def floor(dtype: str, expected_max: float, error_scale: Mapping[str, float]) -> float:
+    """Half an ulp of the largest expected value, plus ``(eps64 + FLOOR_C * u(dtype)) * sqrt(terms)
+    * rms_magnitude``: the float64 truth's own uncertainty and the dtype's analytic floor.
+
+    Half an ulp: the exact answer correctly rounded may be that far off. The second term is the
+    scale of a random-walk rounding error along the tensor's chain of ``terms`` reductions of
+    values of root-sum-square size ``rms_magnitude`` (Higham and Mary), which keeps its size where
+    the value itself cancels to zero."""
+    if "rms_magnitude" not in error_scale:
+        raise ValueError(
+            "the case's error scale has no 'rms_magnitude': its vector files were written before the "
+            "ensemble tolerance rule; run `python -m mha_conformance.vectors generate` (or use the committed vectors)"
+        )
+    unit = float(np.sqrt(error_scale["terms"])) * error_scale["rms_magnitude"]
+    return EPS[dtype] / 2 * expected_max + (EPS["float64"] + FLOOR_C * EPS[dtype] / 2) * unit
 
 
 def chain_terms(spec: Mapping[str, Any]) -> dict[str, int]:

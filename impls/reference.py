@@ -27,8 +27,11 @@ Every rule that excludes keys (mask, causal, window, lengths, ``-inf`` bias) int
 The same forward and backward also run in emulated low precision (:class:`Precision`) and
 in any of several valid orders of operations (:class:`Algorithm`): the generator measures
 each dtype's precision baseline as the worst error over that ensemble (:data:`ENSEMBLE`).
-Every emulated step is deterministic IEEE arithmetic (no BLAS in the emulated dtype), so a
-baseline is the same number on every machine. This module imports nothing but NumPy, so
+Every emulated step is deterministic: IEEE arithmetic, dot products correctly rounded
+(:func:`correctly_rounded_matmul`) and exp, log and tanh computed from IEEE operations alone
+(:func:`portable_exp`), never by the machine's BLAS or vectorised libm, so an emulated result is
+the same bits on every machine; a baseline (its error against the float64 truth) moves only with the
+truth's own last bits. This module imports nothing but NumPy, so
 the truth never depends on a framework under test.
 """
 
@@ -44,6 +47,136 @@ Array = np.ndarray
 
 #: Weight and bias names in the order the projections use them.
 PROJECTIONS = (("q", "query"), ("k", "key"), ("v", "value"), ("o", None))
+
+
+# ------------------------------------------------------------ portable float64 arithmetic
+#
+# BLAS kernels and NumPy's vectorised exp, log and tanh are chosen by the CPU (OpenBLAS's core
+# type, NumPy's SIMD dispatch), and differ in their last bits from one CPU to another. That is
+# harmless in the float64 truth (vectors/verify.py holds it to the float64 rule), but where an
+# emulation rounds such a value to float32, a last bit can send the rounding the other way. The
+# emulation therefore rounds only values that are the same on every machine: the functions
+# below use IEEE +, -, *, / and exact scalings alone, in a fixed order.
+
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that k * _LN2_HI is exact for |k| < 2**20
+_LN2_LO = 1.90821492927058770002e-10
+_INV_LN2 = 1.44269504088896338700e00
+_SQRT_HALF = 0.7071067811865476
+
+
+def _expm1_series(r: Array, degree: int) -> Array:
+    """``exp(r) - 1`` by its Taylor series in Horner form (``r (1 + r/2 (1 + r/3 (...))))``)."""
+    p = np.ones_like(r)
+    for n in range(degree, 1, -1):
+        p = 1.0 + p * r / n
+    return p * r
+
+
+def portable_exp(x: Array) -> Array:
+    """exp in float64, within a few ulps, from IEEE operations alone: the same bits on every machine.
+
+    ``x = k ln2 + r`` with ``|r| <= ln2 / 2`` (Cody and Waite's two-part ln2), ``exp(r)`` by its
+    Taylor series to degree 14 (truncation below 1e-19), scaled by ``2**k`` exactly."""
+    x = np.asarray(x, np.float64)
+    finite = np.isfinite(x) & (x < 709.8) & (x > -745.2)
+    xs = np.where(finite, x, 0.0)
+    k = np.rint(xs * _INV_LN2)
+    r = (xs - k * _LN2_HI) - k * _LN2_LO
+    out = np.ldexp(1.0 + _expm1_series(r, 14), k.astype(np.int64))
+    return np.where(finite, out, np.where(x > 0, np.inf, np.where(np.isnan(x), np.nan, 0.0)))
+
+
+def portable_log(x: Array) -> Array:
+    """Natural log in float64, within a few ulps, from IEEE operations alone.
+
+    ``x = m 2**e`` with ``m`` in ``[sqrt(1/2), sqrt(2))`` (exact), ``log m = 2 atanh(s)`` with
+    ``s = (m - 1) / (m + 1)``, ``|s| <= 0.172``, by its series to ``s**23`` (truncation below 1e-18)."""
+    x = np.asarray(x, np.float64)
+    ok = np.isfinite(x) & (x > 0)
+    m, e = np.frexp(np.where(ok, x, 1.0))
+    low = m < _SQRT_HALF
+    m, e = np.where(low, m * 2.0, m), np.where(low, e - 1, e).astype(np.float64)
+    s = (m - 1.0) / (m + 1.0)
+    z = s * s
+    series = np.zeros_like(s)
+    for n in range(11, -1, -1):
+        series = 1.0 / (2 * n + 1) + z * series
+    out = e * _LN2_HI + (e * _LN2_LO + 2.0 * s * series)
+    special = np.where(x == 0, -np.inf, np.where(x == np.inf, np.inf, np.nan))
+    return np.where(ok, out, special)
+
+
+def portable_tanh(x: Array) -> Array:
+    """tanh in float64, within a few ulps, from IEEE operations alone: ``e / (e + 2)`` with
+    ``e = exp(2|x|) - 1`` (its series below 0.5, where ``exp - 1`` would cancel), signed; 1 past 22."""
+    x = np.asarray(x, np.float64)
+    a = np.minimum(np.abs(np.where(np.isnan(x), 0.0, x)), 22.0)
+    y = 2.0 * a
+    e = np.where(y < 0.5, _expm1_series(y, 17), portable_exp(y) - 1.0)
+    t = np.where(a >= 22.0, 1.0, e / (e + 2.0))
+    return np.where(np.isnan(x), np.nan, np.copysign(t, x))
+
+
+def _exact_sum_to_float32(values: Array) -> np.float32:
+    """The exact sum of float64 ``values`` rounded once to float32 (nearest, ties to even), in
+    Python integers: no rounding until the last, so the same on every machine."""
+    ratios = [float(v).as_integer_ratio() for v in values]  # each denominator is a power of two
+    shift = max(d for _, d in ratios).bit_length() - 1
+    total = sum(n << (shift - (d.bit_length() - 1)) for n, d in ratios)
+    nearest64 = total / (1 << shift)  # an int over an int: correctly rounded to float64
+    rounded = np.float32(nearest64)
+    if np.isfinite(rounded):  # compared as Python floats: a float32 would pull the other side to float32
+        other = np.nextafter(rounded, np.float32(np.inf if nearest64 > float(rounded) else -np.inf))
+        middle = (float(rounded) + float(other)) / 2  # exact in float64
+        if nearest64 == middle:  # a float64 tie need not be an exact one: decide exactly
+            n, d = middle.as_integer_ratio()
+            above = total * d - (n << shift)
+            if above != 0:
+                rounded = other if (above > 0) == (float(other) > float(rounded)) else rounded
+    return rounded
+
+
+def _lowest_bit(x: Array) -> Array:
+    """The exponent of each float32 value's least significant set bit (``x = odd * 2**e``), from its
+    bits; a large number for 0."""
+    bits = np.asarray(x, np.float32).view(np.int32)
+    field = (bits >> 23) & 0xFF
+    significand = (bits & 0x7FFFFF) | np.where(field > 0, 0x800000, 0)
+    low = (significand & -significand).astype(np.float32)  # a power of two, exact in float32
+    shift = ((low.view(np.int32) >> 23) & 0xFF) - 127
+    return np.where(significand != 0, np.maximum(field, 1) - 150 + shift, 1 << 20)
+
+
+def correctly_rounded_matmul(x: Array, y: Array) -> Array:
+    """``x @ y`` of float32-representable values, each dot product exact and rounded once to float32.
+
+    The products are exact in float64. BLAS's float64 sum is exact, in whatever order it sums, where
+    every product is a multiple of ``2**q`` (``q``: the lowest set bit of the row's and the column's
+    values, added) and ``|x| @ |y| < 2**(q + 52)``: every partial sum then fits in 53 bits. Elsewhere
+    it is within ``gamma = K u64`` times ``|x| @ |y|`` of the exact sum, so where no float32 rounding
+    boundary lies that close, rounding it gives the correctly rounded value. The few dot products
+    left are summed exactly (:func:`_exact_sum_to_float32`). Either way the result is the correctly
+    rounded one, whatever the machine's BLAS."""
+    x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    approx = x64 @ y64
+    out = approx.astype(np.float32)
+    magnitude = np.abs(x64) @ np.abs(y64)
+    bound = 2.0 * x64.shape[-1] * 2.0**-53 * magnitude  # twice gamma: room for |x| @ |y|'s own error
+    up = np.nextafter(out, np.float32(np.inf)).astype(np.float64)
+    down = np.nextafter(out, np.float32(-np.inf)).astype(np.float64)
+    centre = out.astype(np.float64)
+    near = (approx + bound >= (centre + up) / 2) | (approx - bound <= (centre + down) / 2)
+    near &= np.isfinite(approx)
+    if near.any():
+        quantum = (
+            np.min(_lowest_bit(x64), axis=-1)[..., :, None] + np.min(_lowest_bit(y64), axis=-2)[..., None, :]
+        )
+        near &= magnitude >= np.ldexp(1.0, np.minimum(quantum + 52, 1000))  # not summed exactly by BLAS
+    if near.any():
+        xb, yb = np.broadcast_arrays(x64[..., :, None, :], np.swapaxes(y64, -1, -2)[..., None, :, :])
+        for index in zip(*np.nonzero(near), strict=True):
+            out[index] = _exact_sum_to_float32(xb[index] * yb[index])
+    return out
 
 
 # --------------------------------------------------------------------------- precision
@@ -249,7 +382,7 @@ class Arithmetic:
             for i in range(1, xd.shape[-1]):
                 total = self.acc(total + xd[..., :, i : i + 1] * yd[..., i : i + 1, :])
             return total
-        return self.acc(np.asarray(x, np.float64) @ np.asarray(y, np.float64))
+        return correctly_rounded_matmul(self.acc(x), self.acc(y))
 
     def sum(self, x: Array, axis: int, reduction: bool = False) -> Array:
         """Sum along ``axis`` in the accumulation dtype; ``reduction`` marks the sums over tokens
@@ -265,11 +398,23 @@ class Arithmetic:
         return self.acc(np.asarray(x, np.float64).sum(axis=axis))
 
     def exp(self, x: Array) -> Array:
-        """exp correctly rounded to the accumulation dtype (computed in float64): deterministic
-        on every machine, unlike a vectorised float32 libm."""
+        """exp computed in float64 and rounded to the accumulation dtype; emulated, from IEEE
+        operations alone (:func:`portable_exp`), so the same on every machine."""
         if self.exact:
             return np.exp(np.asarray(x, np.float64))
-        return self.acc(np.exp(np.asarray(x, np.float64)))
+        return self.acc(portable_exp(x))
+
+    def log(self, x: Array) -> Array:
+        """log, as :meth:`exp` (:func:`portable_log` when emulated)."""
+        if self.exact:
+            return np.log(np.asarray(x, np.float64))
+        return self.acc(portable_log(x))
+
+    def tanh(self, x: Array) -> Array:
+        """tanh, as :meth:`exp` (:func:`portable_tanh` when emulated)."""
+        if self.exact:
+            return np.tanh(np.asarray(x, np.float64))
+        return self.acc(portable_tanh(x))
 
 
 EXACT = Arithmetic(FLOAT64)
@@ -390,7 +535,7 @@ def _logits(
     cap = spec.get("softcap")
     if cap is not None:
         c = ar.acc(ar.round(np.float64(cap)))
-        capped = ar.acc(np.tanh(np.asarray(ar.acc(ar.acc(scores) / c), np.float64)))
+        capped = ar.tanh(ar.acc(ar.acc(scores) / c))
         scores = keep(capped * c)
     if attn_bias is not None:
         bias = np.broadcast_to(ar.acc(ar.round(attn_bias)), scores.shape)
@@ -438,7 +583,7 @@ def _online_attention(ar: Arithmetic, scores: Array, allowed: Array, v: Array) -
         total = total * rescale + ar.sum(p, -1)[..., None]
         context = context * rescale + ar.matmul(ar.round(p), v[..., j0 : j0 + block, :])
         m = m_new
-    lse = np.where(total > 0, m + ar.acc(np.log(np.where(total > 0, total, 1.0))), ar.acc(0.0))
+    lse = np.where(total > 0, m + ar.log(np.where(total > 0, total, 1.0)), ar.acc(0.0))
     weights = np.where(allowed, ar.exp(ar.acc(np.where(allowed, scores, lse)) - lse), ar.acc(0.0))
     return ar.round(_normalise(ar, context, total)), ar.round(weights), ar.acc(lse)
 

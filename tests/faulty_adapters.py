@@ -354,10 +354,15 @@ class HugeMessage(Faulty):
 
 
 class Slow(Faulty):
-    """Correct, and a quarter of a second per call: a run long enough to interrupt."""
+    """Correct, and a quarter of a second per call: a run long enough to interrupt. With
+    ``MHA_SLOW_CALLS`` set, each finished call appends a line to that file (what a test waits on)."""
 
     name = "slow"
 
     def fault(self, result, inputs):
         time.sleep(0.25)
+        log = os.environ.get("MHA_SLOW_CALLS")
+        if log:
+            with open(log, "a") as calls:
+                calls.write("call\n")
         return result

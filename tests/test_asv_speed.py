@@ -44,7 +44,7 @@ def test_spread_of_a_real_asv_results_file(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,  # a hang guard: about 30 s here
     )
     assert done.returncode == 0, done.stdout[-3000:]
     (results,) = spread.results_files([tmp_path / "results"])
@@ -62,12 +62,12 @@ def test_spread_of_a_real_asv_results_file(tmp_path):
         q25, q50, q75 = np.percentile(samples, [25, 50, 75])  # asv's quantiles interpolate linearly
         assert s.median == pytest.approx(q50, rel=1e-3)
         assert s.ratio == pytest.approx((q75 - q25) / q50, rel=1e-2, abs=1e-4)
-        assert 0 <= s.ratio < 1
-    for name, s in found.items():
-        (number,) = [n for n in rows[name]["stats_number"] if n]
-        assert number >= 1 and (number > 1 or s.median > common.SAMPLE_SECONDS / 4)
-        assert number * s.median < 4 * common.SAMPLE_SECONDS or number == 1
+        assert s.ratio >= 0  # how large it is depends on how busy the machine was: benchmarks' business
     entry = json.loads((tmp_path / "run.json").read_text())["configs"][common.config_key(*args, "cpu")]
+    for name, kind in ((forward, "forward"), (backward, "backward")):
+        # asv's number is calls_per_sample of the calibrated call, whatever the machine's speed
+        (number,) = [n for n in rows[name]["stats_number"] if n]
+        assert number == common.calls_per_sample(entry[f"{kind}_call_seconds"]), (name, entry)
     assert entry["status"] == "ok" and entry["gate_ratio"] <= 2 and entry["samples"] >= common.REPEAT[0]
     shown = subprocess.run(
         [sys.executable, "-m", "benchmarks.spread", str(tmp_path / "results"), "--json"],
@@ -226,6 +226,7 @@ def test_slow_inputs_are_stored(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MHA_CACHE_DIR", str(tmp_path))
     spec = common.config_spec("alibi-t128", True)
+    monkeypatch.setattr(common, "SLOW_INPUTS_SECONDS", float("inf"))  # never slow, however busy
     common.inputs_of(spec)
     assert not (tmp_path / "inputs").exists()
     monkeypatch.setattr(common, "SLOW_INPUTS_SECONDS", -1.0)
@@ -258,7 +259,7 @@ def test_forkserver_runs_every_framework_here(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,  # a hang guard: 40-90 s here; 10x on a busy machine
     )
     assert done.returncode == 0 and "failed" not in done.stdout, done.stdout[-4000:]
     configs = json.loads((tmp_path / "run.json").read_text())["configs"]

@@ -78,6 +78,7 @@ def test_flex_compiled_second_run_compiles_nothing(tmp_path):
     for n in (1, 2):
         report = tmp_path / f"run{n}.json"
         args = ["--adapter", "torch-flex-compiled", "--dtype", "float32", "--report", str(report)]
+        args += ["--case-timeout", "900"]  # a cold compile runs in the call: 5-20 s here, 45x to spare
         for case in cases:
             args += ["--case", case]
         done = run_suite(*args, env=env)

@@ -5,6 +5,9 @@ case, and the README's example adapter passes the whole suite."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -128,7 +131,43 @@ def test_the_readme_example_passes_the_whole_suite(tmp_path: Path):
 
 def test_the_docs_name_every_ensemble_member_and_the_constant():
     text = (runs.ROOT / "docs" / "tolerance.md").read_text()
-    from mha_conformance.tolerance import FLOOR_C
+    from mha_conformance.impls.error_model import FLOOR_C
 
     assert all(f"| `{a.name}` |" in text for a in reference.ENSEMBLE)
     assert f"c = 1/{round(1 / FLOOR_C)}" in text
+
+
+def test_numpy_side_gives_the_same_verdicts_and_verify_results_under_every_kernel(tmp_path):
+    """``--backend numpy``: verify (the reference, every baseline's emulation), the README's adapter,
+    the project's NumPy adapters (mutants, twin, valid orders, the loop implementations) under each
+    OpenBLAS kernel family and NumPy SIMD level this CPU can run: no verify problem and the same
+    verdict for every test in each; what the CPU cannot run is skipped with its reason."""
+    from mha_conformance.audit.portability import BACKENDS
+
+    (tmp_path / "my_attention.py").write_text(readme_example())
+    adapters = ["my_attention:attention", "tests.faulty_adapters:good", "tests.variant_adapters:loops"]
+    env = {"PYTHONPATH": f"{tmp_path}:{runs.ROOT}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mha_conformance.audit.portability", "--backend", "numpy", "--quick"]
+        + ["--isolation", "none", *(a for name in adapters for a in ("--adapter", name))],
+        cwd=runs.ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=1800,  # a hang guard: about 3 minutes here, 8x that on a busy machine
+    )
+    out = done.stdout
+    assert done.returncode == 0, out[-5000:] + done.stderr[-2000:]
+    assert "identical verdicts" in out
+    settings = BACKENDS["numpy"]["settings"]
+    blocks = out.split("] numpy: ")[1:]
+    assert [b.split(" (", 1)[0] for b in blocks] == list(settings)
+    ran = [b for b in blocks if "skipped:" not in b]
+    for block in ran:
+        counts = block.splitlines()[1]
+        assert "'passed'" in counts and "'failed'" in counts and "verify: 0 problem(s)" in counts, block
+    names = [b.split(" (", 1)[0] for b in ran]
+    assert "this machine's own kernels" in names and "NumPy's baseline loops" in names and len(names) >= 3
+    for block in blocks:
+        if "skipped:" in block:  # a reason: the CPU lacks the instruction set, or it repeats a setting
+            assert "SIGILL" in block or "the same kernels as" in block, block

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mha_conformance.vectors import golden
+from mha_conformance.vectors import golden, verify
 from mha_conformance.vectors.catalogue import CASES
-from mha_conformance.vectors.generate import generate
+from mha_conformance.vectors.generate import case_tensors, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = [c["id"] for c in CASES]
@@ -61,16 +61,72 @@ def test_every_case_loads_with_its_flags():
         )
 
 
-def test_generate_twice_gives_identical_bytes(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    generate(a)
-    generate(b)
-    for path in sorted(a.iterdir()):
-        assert path.read_bytes() == (b / path.name).read_bytes(), path.name
-    # and the committed files are what the generator makes
-    assert (a / golden.MANIFEST).read_text() == (ROOT / "vectors" / golden.MANIFEST).read_text()
+def test_generation_is_bit_identical_here_and_its_inputs_everywhere(tmp_path):
+    """Generating again on one machine gives the same bytes. Against the committed files (made on
+    another machine): the inputs are bit-identical (they never touch BLAS), the truths and
+    baselines agree by the float64 rule (vectors/verify.py), not bit for bit."""
+    (tmp_path / "first").mkdir()
+    (tmp_path / "again").mkdir()
+    fresh = generate(tmp_path / "first")
+    for case_spec in CASES[::6]:  # a second generation of every sixth case
+        spec = dict(case_spec)
+        again = golden.write_case(tmp_path / "again", spec, *case_tensors(spec))
+        assert again.read_bytes() == (tmp_path / "first" / again.name).read_bytes(), spec["id"]
+    committed = golden.read_manifest()
+    assert sorted(fresh["cases"]) == sorted(committed["cases"])
+    for cid, entry in committed["cases"].items():
+        assert fresh["cases"][cid]["inputs_sha256"] == entry["inputs_sha256"], cid
+        stored, made = golden.load_case(cid), golden.load_case(cid, tmp_path / "first")
+        assert stored.spec == made.spec, cid
+        for name in stored.inputs():
+            assert stored.tensors[name].tobytes() == made.tensors[name].tobytes(), (cid, name)
+        problems = verify.compare(stored, verify.Recomputed(made.tensors, made.baseline, members={}))
+        if any("set_by" in p or "set by" in p for p in problems):  # a near tie needs every member's error
+            problems = verify.compare(stored, verify.recompute(made))
+        assert problems == [], cid
+
+
+def flip(array: np.ndarray, index: tuple[int, ...], bit: int) -> np.ndarray:
+    """A copy of a float64 array with one mantissa bit (0 = the lowest of 52) of one value flipped."""
+    out = array.copy()
+    out.view(np.uint64)[index] ^= np.uint64(1 << bit)
+    return out
+
+
+#: A low mantissa bit: flipped, it moves a value by 2**-40 of itself (about 1e-12).
+LOW_BIT = 12
+
+
+def test_a_flipped_low_bit_in_any_ordinary_tensor_is_caught():
+    """The float64 rule is loose enough for another CPU's BLAS and tight enough for damage: in every
+    stored tensor whose largest value is of ordinary size (at least a tenth of the magnitudes it is
+    formed from: not rounding noise such as grad_b_k), flipping mantissa bit 12 of that value exceeds
+    the bound, while the stored tensor itself is within it."""
+    checked = 0
+    for cid in golden.case_ids():
+        case = golden.load_case(cid)
+        fresh = verify.recompute(case)
+        for name in ["output", "attn_weights", *case.spec["gradients"]]:
+            stored, scale = case.tensors[name], fresh.baseline["error_scale"][name]
+            bound = verify.float64_bound(fresh.tensors[name], scale)
+            assert np.max(np.abs(stored - fresh.tensors[name]), initial=0.0) <= bound, (cid, name)
+            if np.abs(stored).max() < 0.1 * scale["rms_magnitude"]:
+                continue
+            worst = np.unravel_index(int(np.argmax(np.abs(stored))), stored.shape)
+            damaged = flip(stored, worst, LOW_BIT)
+            assert np.max(np.abs(damaged - fresh.tensors[name])) > bound, (cid, name)
+            checked += 1
+    assert checked > 900  # of about 1,170 stored tensors; the rest are noise or exact zeros
+
+
+def rewrite(root: Path, cid: str, **tensors: np.ndarray) -> None:
+    """Write a case with some tensors replaced, and its manifest entry with the new file's sha256:
+    damage that only the recomputation can see."""
+    case = golden.load_case(cid, root)
+    path = golden.write_case(root, case.spec, {**case.tensors, **tensors}, case.baseline)
+    manifest = golden.read_manifest(root)
+    manifest["cases"][cid] = golden.manifest_entry(path)
+    (root / golden.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 @pytest.fixture
@@ -85,14 +141,14 @@ def test_verify_catches_a_flipped_byte(vector_copy):
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
-    result = run_vectors("verify", "-q", "--root", str(vector_copy))
+    result = run_vectors("verify", "-q", "--root", str(vector_copy), "--case", "mask_random_per_head")
     assert result.returncode == 1
     assert "case mask_random_per_head" in result.stderr and "sha256" in result.stderr
 
 
 def test_verify_catches_a_missing_file(vector_copy):
     (vector_copy / "gqa_h8_kv2.safetensors").unlink()
-    result = run_vectors("verify", "-q", "--root", str(vector_copy))
+    result = run_vectors("verify", "-q", "--root", str(vector_copy), "--case", "gqa_h8_kv2")
     assert result.returncode == 1
     assert "case gqa_h8_kv2" in result.stderr and "missing" in result.stderr
 
@@ -154,3 +210,53 @@ def test_format_1_and_2_files_load_and_others_are_refused(tmp_path):
     (tmp_path / golden.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(golden.VectorError, match="format_version '9', this code reads 1, 2"):
         golden.load_case(v1.id, tmp_path)
+
+
+def test_verify_catches_a_rehashed_flipped_bit(vector_copy):
+    """A stored gradient with mantissa bit 12 of one value flipped, the file and the manifest
+    rehashed: verify names the case and the tensor and says by how much it is off."""
+    cid = "gqa_h8_kv2"
+    grad = golden.load_case(cid, vector_copy).tensors["grad_w_q"]
+    rewrite(
+        vector_copy,
+        cid,
+        grad_w_q=flip(grad, np.unravel_index(int(np.argmax(np.abs(grad))), grad.shape), LOW_BIT),
+    )
+    result = run_vectors("verify", "-q", "--root", str(vector_copy), "--case", cid)
+    assert result.returncode == 1
+    assert f"case {cid}: stored 'grad_w_q' differs" in result.stderr and "float64 rule" in result.stderr
+    assert result.stderr.count("ERROR:") == 1, result.stderr
+
+
+def test_verify_catches_changed_inputs_by_their_digest(vector_copy):
+    """Inputs changed and the file rehashed, but the manifest's inputs_sha256 kept: named as such."""
+    cid = "bias_none"
+    case = golden.load_case(cid, vector_copy)
+    path = golden.write_case(
+        vector_copy, case.spec, {**case.tensors, "query": case.tensors["query"] * 2}, case.baseline
+    )
+    manifest = golden.read_manifest(vector_copy)
+    manifest["cases"][cid]["sha256"] = golden.manifest_entry(path)["sha256"]
+    (vector_copy / golden.MANIFEST).write_text(json.dumps(manifest))
+    result = run_vectors("verify", "-q", "--root", str(vector_copy), "--case", cid)
+    assert result.returncode == 1 and f"case {cid}: the manifest's inputs_sha256" in result.stderr
+
+
+def test_a_baseline_a_millionth_off_is_caught(vector_copy):
+    """The emulation is the same bits on every machine, so a baseline is held to the truth's own
+    float64 bound: one a millionth off (a changed ensemble member, a changed emulation) is caught,
+    in every dtype, tensor and the set_by it names, while the stored ones pass."""
+    cid = "gqa_h8_kv2"
+    case = golden.load_case(cid, vector_copy)
+    fresh = verify.recompute(case)
+    assert verify.compare(case, fresh) == []
+    for dtype in ("float32", "float16", "bfloat16"):
+        for name in ("output", "grad_w_q", "grad_b_k"):
+            stored = case.baseline[dtype][name]
+            case.baseline[dtype][name] = stored * (1 + 1e-6)
+            problems = verify.compare(case, fresh)
+            assert len(problems) == 1 and f"{dtype} baseline for '{name}'" in problems[0], problems
+            case.baseline[dtype][name] = stored
+    case.baseline["set_by"]["float32"]["output"] = "no-such-member"
+    (problem,) = verify.compare(case, fresh)
+    assert "was set by 'no-such-member'" in problem

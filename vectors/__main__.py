@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -16,8 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mha_conformance.vectors", description=__doc__)
     parser.add_argument("command", choices=["generate", "verify"])
     parser.add_argument("--root", type=Path, default=golden.VECTORS_DIR, help="vector folder")
-    parser.add_argument("--case", action="append", help="generate only this case (repeatable)")
+    parser.add_argument("--case", action="append", help="generate or verify only this case (repeatable)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-case progress")
+    parser.add_argument("--json", type=Path, help="verify: also write the problems and margins to this file")
     args = parser.parse_args(argv)
     say = None if args.quiet else (lambda line: print(line, flush=True))
     start = time.perf_counter()
@@ -29,10 +31,16 @@ def main(argv: list[str] | None = None) -> int:
             f"in {time.perf_counter() - start:.1f} s"
         )
         return 0
-    problems = verify(args.root, progress=say)
+    margins: dict[str, tuple[float, str]] = {}
+    problems = verify(args.root, progress=say, only=args.case, margins=margins)
     for line in problems:
         print(f"ERROR: {line}", file=sys.stderr)
-    print(f"verify: {len(problems)} problem(s) in {time.perf_counter() - start:.1f} s")
+    worst = "; ".join(f"{kind} {ratio:.3g} ({where})" for kind, (ratio, where) in sorted(margins.items()))
+    print(
+        f"verify: {len(problems)} problem(s) in {time.perf_counter() - start:.1f} s; worst error over its bound: {worst}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"problems": problems, "margins": margins}, indent=2) + "\n")
     return 1 if problems else 0
 
 

@@ -132,7 +132,12 @@ def build_bias(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray | N
     distance = np.arange(tk)[None, :] - (np.arange(tq)[:, None] + tk - tq)  # j - p, [Tq, Tk]
     kind = entry["kind"]
     if kind == "alibi":
-        slopes = 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)
+        # 2**e as an exact power of two times portable_exp of the rest: no platform pow.
+        exponent = -8.0 * np.arange(1, heads + 1) / heads
+        whole = np.floor(exponent)
+        slopes = np.ldexp(
+            reference.portable_exp((exponent - whole) * 0.6931471805599453), whole.astype(np.int64)
+        )
         bias = -slopes[:, None, None] * np.abs(distance)[None]
     elif kind == "t5":
         table = rng.standard_normal((heads, 8))
@@ -205,11 +210,13 @@ def ensemble_errors(
     want: dict[str, np.ndarray],
     grad_output: np.ndarray | None = None,
     truth_d_y: dict[str, np.ndarray] | None = None,
+    every: dict[str, dict[str, float]] | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """The worst error over the ensemble of valid algorithms emulated in ``dtype``, for every
     tensor in ``want`` (the float64 truth: ``output``, ``attn_weights`` and, with ``grad_output``,
     gradients), and the algorithm that set each. ``truth_d_y`` (the truth's projection
-    gradients) bounds ``grad_b_k``'s noise (:func:`key_bias_bound`)."""
+    gradients) bounds ``grad_b_k``'s noise (:func:`key_bias_bound`). ``every``, when given,
+    receives each member's error per tensor (``{tensor: {algorithm: error}}``)."""
     precision = reference.PRECISIONS[dtype]
     worst: dict[str, float] = {}
     by: dict[str, str] = {}
@@ -235,6 +242,8 @@ def ensemble_errors(
                     f"case {spec['id']}: the {dtype} emulation ({algorithm.name}) of {name} is not "
                     f"finite; drop {dtype} from the case's dtypes in vectors/catalogue.py"
                 )
+            if every is not None:
+                every.setdefault(name, {})[algorithm.name] = err
             if err > worst.get(name, -1.0):
                 worst[name], by[name] = err, algorithm.name
     return worst, by
@@ -245,10 +254,12 @@ def baselines(
     tensors: dict[str, np.ndarray],
     truth: reference.Forward,
     grads: dict[str, np.ndarray] | None = None,
+    every: dict[str, dict[str, dict[str, float]]] | None = None,
 ) -> dict:
     """Per dtype, the worst error over the ensemble of valid algorithms emulated in that dtype
     for ``output``, ``attn_weights`` and each gradient the case holds (``spec["gradients"]``),
-    which algorithm set each, and the error magnitudes."""
+    which algorithm set each, and the error magnitudes. ``every``, when given, receives every
+    member's error (``{dtype: {tensor: {algorithm: error}}}``)."""
     inputs = {k: v for k, v in tensors.items() if k in golden.INPUT_NAMES}
     truth_d_y: dict[str, np.ndarray] = {}
     fresh = reference.backward(inputs, spec, tensors["grad_output"], projection_grads=truth_d_y)
@@ -268,8 +279,9 @@ def baselines(
         if dtype == "float64":
             out[dtype] = dict.fromkeys(want, 0.0)
             continue
+        members = every.setdefault(dtype, {}) if every is not None else None
         out[dtype], out["set_by"][dtype] = ensemble_errors(
-            inputs, spec, dtype, want, tensors["grad_output"], truth_d_y
+            inputs, spec, dtype, want, tensors["grad_output"], truth_d_y, members
         )
     return out
 

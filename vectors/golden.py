@@ -194,9 +194,28 @@ def write_case(root: Path, spec: dict[str, Any], tensors: dict[str, np.ndarray],
     return path
 
 
+def inputs_digest(tensors: dict[str, np.ndarray]) -> str:
+    """The sha256 of a case's inputs, weights, mask, bias and ``grad_output``: each tensor's name,
+    dtype, shape and little-endian bytes, in name order. These never touch BLAS, so the digest is
+    the same on every machine, unlike the file's, which holds the truth too (vectors/verify.py)."""
+    digest = hashlib.sha256()
+    for name in sorted(n for n in tensors if n in INPUT_NAMES or n == "grad_output"):
+        array = np.ascontiguousarray(tensors[name])
+        array = array.astype(array.dtype.newbyteorder("<"))
+        digest.update(f"{name}:{array.dtype.name}:{list(array.shape)};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def manifest_entry(path: Path) -> dict[str, Any]:
+    """A case's manifest entry: its file, the file's sha256 and size, and :func:`inputs_digest`."""
     data = path.read_bytes()
-    return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return {
+        "file": path.name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "inputs_sha256": inputs_digest(st_load(data)),
+    }
 
 
 def read_manifest(root: Path = VECTORS_DIR) -> dict[str, Any]:

@@ -23,9 +23,10 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from mha_conformance.impls.error_model import EPS
 from mha_conformance.results.report import source_root
 from mha_conformance.results.tables import write_markdown
-from mha_conformance.tolerance import DEFAULT_K, EPS, judge
+from mha_conformance.tolerance import DEFAULT_K, judge
 from mha_conformance.vectors import golden
 
 NUMPY = {"float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -106,8 +107,8 @@ def elementwise_study(
     ``impls/variants/valid_orders.py`` reach (above 1: fails at k = 1; above 2: a false failure at the default)."""
     from mha_conformance.execution.harness import cast_inputs, runtime_inputs
     from mha_conformance.impls import error_model, reference
+    from mha_conformance.impls.error_model import FLOOR_C, floor
     from mha_conformance.impls.variants import valid_orders
-    from mha_conformance.tolerance import FLOOR_C, floor
 
     found: dict[tuple[str, str], dict[str, list[float]]] = {}
     for case_id in golden.case_ids(root):
@@ -171,8 +172,8 @@ def valid_order_margins(root: Path) -> str:
     them an ensemble member) on every case, the worst ratio it reaches per dtype and tensor kind,
     and the smallest ``c`` that would keep it within baseline plus floor (ratio <= 1)."""
     from mha_conformance.execution.harness import cast_inputs, runtime_inputs
+    from mha_conformance.impls.error_model import FLOOR_C, floor
     from mha_conformance.impls.variants import valid_orders
-    from mha_conformance.tolerance import FLOOR_C, floor
 
     kind_of = {name: kind for kind, names in KINDS.items() for name in names} | {"grad_b_k": "bias gradients"}
     found: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
