@@ -138,8 +138,9 @@ def conformance(session: nox.Session, backend: str) -> None:
 @nox.parametrize("backend", ["torch", "tensorflow"])
 def portability(session: nox.Session, backend: str) -> None:
     """Identical verdicts for one backend under other thread counts, kernel libraries and
-    instruction sets (``conformance/audit/portability.py``; docs/tolerance.md). Arguments after ``--``
-    reach pytest."""
+    instruction sets (``conformance/audit/portability.py``; docs/tolerance.md), each setting the CPU
+    cannot run skipped with its reason. The NumPy side (``--backend numpy``: the reference, verify,
+    the NumPy adapters) runs in ``nox -s tests``. Arguments after ``--`` reach pytest."""
     backend_env(session, backend, "test")
     session.run("python", "-m", "mha_conformance.audit.portability", "--backend", backend, *session.posargs)
 

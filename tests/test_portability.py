@@ -171,3 +171,25 @@ def test_numpy_side_gives_the_same_verdicts_and_verify_results_under_every_kerne
     for block in blocks:
         if "skipped:" in block:  # a reason: the CPU lacks the instruction set, or it repeats a setting
             assert "SIGILL" in block or "the same kernels as" in block, block
+
+
+def test_the_docs_list_every_portability_setting_and_what_it_emulates():
+    """docs/tolerance.md's portability section names every setting of every backend, with its
+    variables and what it stands for, and says which machines were never tried."""
+    from mha_conformance.audit.portability import BACKENDS
+
+    text = (runs.ROOT / "docs" / "tolerance.md").read_text()
+    section = text.split("## Portability, tested", 1)[1].split("\n## ", 1)[0]
+    for backend, config in BACKENDS.items():
+        for name, setting in config["settings"].items():
+            row = next(
+                (line for line in section.splitlines() if line.startswith(f"| {backend} | {name} |")), None
+            )
+            assert row is not None, (backend, name)
+            variables = [  # NumPy's dispatch targets depend on the machine: the variable is named
+                f"`{k}=" if k == "NPY_DISABLE_CPU_FEATURES" else f"`{k}={v}`"
+                for k, v in setting.env.items()
+                if k != "KERAS_BACKEND"  # said once under the table
+            ]
+            assert all(v in row for v in variables) and setting.emulates in row, (row, variables)
+    assert "Never tried" in section and "GPU" in section and "ARM" in section

@@ -115,6 +115,14 @@ BACKENDS: dict[str, dict] = {
             "oneDNN off": Setting(
                 {"TF_ENABLE_ONEDNN_OPTS": "0", "KERAS_BACKEND": "tensorflow"}, "TensorFlow's Eigen kernels"
             ),
+            "oneDNN capped at SSE4.1": Setting(
+                {"TF_ENABLE_ONEDNN_OPTS": "1", "ONEDNN_MAX_CPU_ISA": "SSE41", "KERAS_BACKEND": "tensorflow"},
+                "a CPU without AVX (oneDNN's SSE4.1 kernels)",
+            ),
+            "oneDNN capped at AVX2": Setting(
+                {"TF_ENABLE_ONEDNN_OPTS": "1", "ONEDNN_MAX_CPU_ISA": "AVX2", "KERAS_BACKEND": "tensorflow"},
+                "an AVX2 CPU (oneDNN's AVX2 kernels, on a machine with AVX-512)",
+            ),
         },
     },
 }
@@ -149,7 +157,9 @@ torch.nn.functional.scaled_dot_product_attention(x, x, x); torch.softmax(x, -1) 
 print(json.dumps({"aten": torch.backends.cpu.get_cpu_capability()}))
 """,
     "tensorflow": """
-import json, tensorflow as tf
+import json, os
+os.environ["ONEDNN_VERBOSE"] = "1"  # oneDNN says which instruction set it chose (an 'isa:' line)
+import tensorflow as tf
 x = tf.random.normal((2, 4, 16, 8))
 tf.nn.softmax(tf.matmul(x, x, transpose_b=True)) @ x
 print(json.dumps({}))
@@ -157,7 +167,11 @@ print(json.dumps({}))
 }
 #: The variables a probe reports the effect of: two settings whose probes agree and whose other
 #: variables are equal run the same kernels.
-EXPLAINED = {"numpy": {"OPENBLAS_CORETYPE", "NPY_DISABLE_CPU_FEATURES"}, "torch": {"ATEN_CPU_CAPABILITY"}}
+EXPLAINED = {
+    "numpy": {"OPENBLAS_CORETYPE", "NPY_DISABLE_CPU_FEATURES"},
+    "torch": {"ATEN_CPU_CAPABILITY"},
+    "tensorflow": {"ONEDNN_MAX_CPU_ISA"},
+}
 
 
 def probe(backend: str, env: dict[str, str]) -> tuple[str | None, str]:
@@ -183,7 +197,9 @@ def probe(backend: str, env: dict[str, str]) -> tuple[str | None, str]:
         return None, f"killed by {name}: {why}"
     if done.returncode != 0:
         return None, f"its probe failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"
-    return done.stdout.strip().splitlines()[-1], "ran"
+    lines = done.stdout.strip().splitlines()
+    chosen = sorted({line.split(",isa:", 1)[1] for line in lines if ",isa:" in line})  # oneDNN's own word
+    return lines[-1] + (f" oneDNN {', '.join(chosen)}" if chosen else ""), "ran"
 
 
 @dataclass
