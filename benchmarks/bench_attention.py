@@ -126,8 +126,10 @@ class Gradients(_Attention):
             return 1
         if "call_seconds" not in self.__dict__:
             self.call_seconds = common.calibrate(backward, warm=False)
-            key = common.config_key(*self.where, common.device())
-            common.update_run_cache("configs", key, {"backward_call_seconds": self.call_seconds})
+            where = self.__dict__.get("where")  # set by setup; how number was set, for the run cache
+            if where is not None:
+                key = common.config_key(*where, common.device())
+                common.update_run_cache("configs", key, {"backward_call_seconds": self.call_seconds})
         return common.calls_per_sample(self.call_seconds)
 
     def time_backward(self, adapter: str, shape: str, dtype: str, causal: bool) -> None:
