@@ -51,7 +51,12 @@ Arrays = Mapping[str, np.ndarray]
 class Divergence:
     """A declared semantic divergence: where it shows (globs on the check, case id, dtype and
     device, and a predicate on what the case *is*) and why. Data with a reason, never a looser
-    tolerance: a numeric amplification is the tolerance model's business, not a divergence."""
+    tolerance: a numeric amplification is the tolerance model's business, not a divergence.
+
+    ``upstream`` names a standalone reproducer (``docs/repro/...``) where the difference is not a
+    semantic choice but a framework's wrong result that the suite cannot make deterministic (an
+    out-of-bounds read, say): declared so that the verdict does not depend on what lies in memory
+    next to a tensor, and reported as an upstream bug with its reproducer."""
 
     reason: str
     check: str = "*"
@@ -59,6 +64,12 @@ class Divergence:
     dtype: str = "*"
     device: str = "*"
     when: Callable[[Spec], bool] | None = None
+    upstream: str = ""
+
+    @property
+    def stated(self) -> str:
+        """The reason as reported: an upstream bug says so and names its reproducer."""
+        return f"upstream bug ({self.upstream}): {self.reason}" if self.upstream else self.reason
 
     def matches(self, check: str, spec: Spec, dtype: str, device: str) -> bool:
         globs = ((self.check, check), (self.case, spec["id"]), (self.dtype, dtype), (self.device, device))
@@ -259,7 +270,7 @@ def match_divergence(divergences: Divergences, check: str, spec: Spec, dtype: st
     """The reason of the first declared divergence that matches, else None."""
     for divergence in as_divergences(divergences):
         if divergence.matches(check, spec, dtype, device):
-            return divergence.reason
+            return divergence.stated
     return None
 
 

@@ -63,7 +63,7 @@ def grouped(divergences: Sequence[Divergence]) -> list[str]:
     """One line per reason, naming every place it is declared for."""
     by_reason: dict[str, list[str]] = {}
     for divergence in divergences:
-        by_reason.setdefault(divergence.reason, []).append(where(divergence))
+        by_reason.setdefault(divergence.stated, []).append(where(divergence))
     return [f"{'; '.join(places)}: {reason}" for reason, places in by_reason.items()]
 
 
