@@ -8,6 +8,7 @@ of a run is ``execution/suite.py``, a check's steps ``checks/skeleton.py``, the 
 
 from __future__ import annotations
 
+import argparse
 import re
 import resource
 import time
@@ -71,6 +72,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="the quick tier: for each check and adapter, the fewest cases that still cover every "
         "semantic axis in every dtype (about a tenth of the tests; docs/speed.md)",
+    )
+    add(
+        "--kernel-scale",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the kernel tier: the kernel-scale cases (vectors/kernels.py: tile tails, head dims to 256, "
+        "GQA, long decodes; generated and cached on first use) instead of the committed ones; the default "
+        "with --device cuda and no --case (--no-kernel-scale: the committed ones there)",
+    )
+    add(
+        "--memory-budget",
+        type=float,
+        default=4.0,
+        help="GB a kernel-scale test may need (its truth, the adapter's score matrices); a case over it "
+        "is a skip that says so (default 4)",
     )
     add("--report", type=Path, help="write the JSON report here")
     add("--history", type=Path, help="also write the report into this history folder")
@@ -205,8 +221,30 @@ def suite_of(config: pytest.Config) -> Suite:
     return config.stash[SUITE]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The kernel tier's truths, computed once in the main process before any xdist worker starts
+    (a worker then reads the cache), each with a progress line."""
+    kernel = session.config.getoption("--kernel-scale", None)
+    if kernel is None:  # the default on a GPU without --case (Suite.kernel)
+        kernel = session.config.getoption("--device", None) == "cuda" and not session.config.getoption(
+            "--case"
+        )
+    if is_xdist_worker(session.config) or not kernel:
+        return
+    suite = suite_of(session.config)
+    terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None:
+        suite.progress = lambda line: terminal.write_line(f"mha-conformance: {line}")
+    if suite.kernel and not session.config.option.collectonly:
+        suite.materialize_kernel_truths()
+
+
 def pytest_collection(session: pytest.Session) -> None:
-    suite_of(session.config)
+    suite = suite_of(session.config)
+    terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None and not is_xdist_worker(session.config):
+        suite.progress = lambda line: terminal.write_line(f"mha-conformance: {line}")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
@@ -358,6 +396,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "k_factor": suite.k,
         "label": session.config.getoption("--label"),
         "quick": suite.quick,
+        "kernel_scale": suite.kernel,
         "xdist_workers": xdist_workers(session.config),
         "xdist_dist": "adapter-dtype"
         if session.config.stash.get(BY_ADAPTER_DTYPE, False)

@@ -242,7 +242,9 @@ class Adapter:
         starts a new stream with an empty cache; the stream takes one token's ``query key
         value`` ([B, 1, d]) and returns ``{"output": [B, 1, d_out]}`` for that token, attending
         to every token fed so far (with the case's softcap and window, and row t of its
-        ``attn_bias`` for token t). Raise NotImplementedError where there is no such mode."""
+        ``attn_bias`` for token t). A case with ``spec["decode_prefill"] = P`` (kernel scale)
+        first sends the first P tokens in one call ([B, P, d], causal among themselves: a
+        prefill), then one token a call. Raise NotImplementedError where there is no such mode."""
         raise NotImplementedError(f"{self.name} has no incremental decoding mode")
 
     def versions(self) -> dict[str, str]:

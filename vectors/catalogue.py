@@ -73,11 +73,11 @@ def spec(case_id: str, description: str, **fields: Any) -> dict[str, Any]:
     return s
 
 
-def _mask(kind: str, shape: tuple[int, ...], **extra: Any) -> dict[str, Any]:
+def mask_entry(kind: str, shape: tuple[int, ...], **extra: Any) -> dict[str, Any]:
     return {"kind": kind, "shape": list(shape), **extra}
 
 
-def _bias(kind: str, shape: tuple[int, ...], grad: bool = True, **extra: Any) -> dict[str, Any]:
+def bias_entry(kind: str, shape: tuple[int, ...], grad: bool = True, **extra: Any) -> dict[str, Any]:
     """An additive attention bias [B|1, H|1, Tq, Tk] (contract v2; kinds in vectors/generate.py).
     ``grad`` stores ``grad_attn_bias`` (a learned bias); ALiBi's fixed slopes have none."""
     return {"kind": kind, "shape": list(shape), "grad": grad, **extra}
@@ -144,7 +144,7 @@ CASES: list[dict[str, Any]] = [
         num_heads=8,
         head_dim=64,
         self_attention=False,
-        mask=_mask("key_padding", (2, 1, 1, 14)),
+        mask=mask_entry("key_padding", (2, 1, 1, 14)),
         weight_gradients=False,
     ),
     spec(
@@ -303,7 +303,7 @@ CASES: list[dict[str, Any]] = [
         d_in=32,
         q_len=5,
         kv_len=9,
-        mask=_mask("key_padding", (2, 1, 1, 9)),
+        mask=mask_entry("key_padding", (2, 1, 1, 9)),
     ),
     spec(
         "gqa_decode_tq1_tk12_h8_kv2",
@@ -323,34 +323,36 @@ CASES: list[dict[str, Any]] = [
         "mask_key_padding_b3",
         "Key padding with a different valid length per batch row.",
         batch=3,
-        mask=_mask("key_padding", (3, 1, 1, 8)),
+        mask=mask_entry("key_padding", (3, 1, 1, 8)),
     ),
     spec(
         "mask_random_per_head",
         "An arbitrary mask that differs per batch row and head.",
-        mask=_mask("random", (2, 4, 8, 8), keep=0.6),
+        mask=mask_entry("random", (2, 4, 8, 8), keep=0.6),
     ),
     spec(
         "mask_random_broadcast_1_1",
         "An arbitrary mask shared by every batch row and head.",
-        mask=_mask("random", (1, 1, 8, 8), keep=0.6),
+        mask=mask_entry("random", (1, 1, 8, 8), keep=0.6),
     ),
     spec(
         "mask_random_and_causal",
         "An arbitrary mask combined with causal; each query keeps its own key, so no row is empty.",
         causal=True,
-        mask=_mask("random", (2, 1, 8, 8), keep=0.7, keep_diagonal=True),
+        mask=mask_entry("random", (2, 1, 8, 8), keep=0.7, keep_diagonal=True),
     ),
-    spec("mask_diagonal_only", "Each query may only attend itself.", mask=_mask("diagonal", (1, 1, 8, 8))),
+    spec(
+        "mask_diagonal_only", "Each query may only attend itself.", mask=mask_entry("diagonal", (1, 1, 8, 8))
+    ),
     spec(
         "mask_fully_masked_query_rows",
         "Some query rows are masked out entirely: weights and context 0, never NaN.",
-        mask=_mask("masked_rows", (2, 1, 8, 8), rows=[0, 5]),
+        mask=mask_entry("masked_rows", (2, 1, 8, 8), rows=[0, 5]),
     ),
     spec(
         "mask_fully_masked_batch_row",
         "One whole batch element attends nothing.",
-        mask=_mask("masked_batch", (2, 1, 1, 8), batch_row=1),
+        mask=mask_entry("masked_batch", (2, 1, 1, 8), batch_row=1),
     ),
     # --- numerics -------------------------------------------------------------------
     spec(
@@ -360,7 +362,7 @@ CASES: list[dict[str, Any]] = [
         "huge_logits_1e4_masked",
         "Huge logits in the masked-out positions only.",
         input_scale=40.0,
-        mask=_mask("random", (2, 1, 8, 8), keep=0.5),
+        mask=mask_entry("random", (2, 1, 8, 8), keep=0.5),
     ),
     spec(
         "tiny_values_1e-3",
@@ -420,7 +422,7 @@ CASES: list[dict[str, Any]] = [
         q_len=5,
         kv_len=9,
         self_attention=False,
-        mask=_mask("key_padding", (2, 1, 1, 9)),
+        mask=mask_entry("key_padding", (2, 1, 1, 9)),
         dtypes=("float64",),
     ),
     spec(
@@ -439,7 +441,7 @@ CASES: list[dict[str, Any]] = [
         q_len=5,
         kv_len=9,
         self_attention=False,
-        mask=_mask("random", (2, 8, 5, 9), keep=0.7, keep_diagonal=True),
+        mask=mask_entry("random", (2, 8, 5, 9), keep=0.7, keep_diagonal=True),
         dtypes=("float32",),
     ),
     spec(
@@ -462,7 +464,7 @@ CASES: list[dict[str, Any]] = [
         q_len=3,
         kv_len=5,
         self_attention=False,
-        mask=_mask("key_padding", (2, 1, 1, 5)),
+        mask=mask_entry("key_padding", (2, 1, 1, 5)),
         dtypes=("float16",),
         input_grid="far_from_bfloat16",
     ),
@@ -481,7 +483,7 @@ CASES: list[dict[str, Any]] = [
         "ALiBi: per-head slopes 2^(-8(h+1)/H) times the key's distance, added to causal scores; no gradient "
         "(the slopes are fixed).",
         causal=True,
-        attn_bias=_bias("alibi", (1, 4, 8, 8), grad=False),
+        attn_bias=bias_entry("alibi", (1, 4, 8, 8), grad=False),
     ),
     spec(
         "variant_bias_alibi_gqa_h8_kv2_cross_tq4_tk9",
@@ -492,7 +494,7 @@ CASES: list[dict[str, Any]] = [
         q_len=4,
         kv_len=9,
         self_attention=False,
-        attn_bias=_bias("alibi", (1, 8, 4, 9), grad=False),
+        attn_bias=bias_entry("alibi", (1, 8, 4, 9), grad=False),
     ),
     spec(
         "variant_bias_alibi_decode_tq1_tk12",
@@ -501,13 +503,13 @@ CASES: list[dict[str, Any]] = [
         kv_len=12,
         causal=True,
         self_attention=False,
-        attn_bias=_bias("alibi", (1, 4, 1, 12), grad=False),
+        attn_bias=bias_entry("alibi", (1, 4, 1, 12), grad=False),
     ),
     spec(
         "variant_bias_t5_relpos_self",
         "A T5-style learned relative-position bias: one value per head and bucket of the signed distance "
         "(8 buckets, max distance 16), with its gradient.",
-        attn_bias=_bias("t5", (1, 4, 8, 8)),
+        attn_bias=bias_entry("t5", (1, 4, 8, 8)),
     ),
     spec(
         "variant_bias_t5_relpos_cross_tq5_tk11_causal",
@@ -516,35 +518,35 @@ CASES: list[dict[str, Any]] = [
         kv_len=11,
         causal=True,
         self_attention=False,
-        attn_bias=_bias("t5", (1, 4, 5, 11)),
+        attn_bias=bias_entry("t5", (1, 4, 5, 11)),
     ),
     spec(
         "variant_bias_float_mask_neginf",
         "A float mask: random per-batch values with about 30% -inf entries (masked); every row keeps a key.",
-        attn_bias=_bias("random", (2, 1, 8, 8), neginf=0.3, keep_diagonal=True),
+        attn_bias=bias_entry("random", (2, 1, 8, 8), neginf=0.3, keep_diagonal=True),
     ),
     spec(
         "variant_bias_float_mask_neginf_fully_masked_rows",
         "A float mask with whole rows of -inf: those queries see nothing (weights and context 0).",
-        attn_bias=_bias("random", (2, 1, 8, 8), neginf=0.2, rows=[1, 6]),
+        attn_bias=bias_entry("random", (2, 1, 8, 8), neginf=0.2, rows=[1, 6]),
     ),
     spec(
         "variant_bias_per_batch_head_b2_h4",
         "A bias that differs per batch row and head, with its full gradient.",
-        attn_bias=_bias("random", (2, 4, 8, 8)),
+        attn_bias=bias_entry("random", (2, 4, 8, 8)),
     ),
     spec(
         "variant_bias_broadcast_1_1_gqa_h4_kv2",
         "One bias shared by every batch row and head in grouped-query attention: its gradient sums both.",
         num_kv_heads=2,
-        attn_bias=_bias("random", (1, 1, 8, 8)),
+        attn_bias=bias_entry("random", (1, 1, 8, 8)),
     ),
     spec(
         "variant_bias_and_bool_mask_causal",
         "A bias together with a boolean mask and causal: all three apply.",
         causal=True,
-        mask=_mask("random", (2, 1, 8, 8), keep=0.7, keep_diagonal=True),
-        attn_bias=_bias("random", (2, 4, 8, 8)),
+        mask=mask_entry("random", (2, 1, 8, 8), keep=0.7, keep_diagonal=True),
+        attn_bias=bias_entry("random", (2, 4, 8, 8)),
     ),
     # softcap
     spec(
@@ -583,14 +585,14 @@ CASES: list[dict[str, Any]] = [
         softcap=20.0,
         input_scale=8.0,
         causal=True,
-        attn_bias=_bias("alibi", (1, 4, 8, 8), grad=False),
+        attn_bias=bias_entry("alibi", (1, 4, 8, 8), grad=False),
     ),
     spec(
         "variant_softcap30_key_padding_mask",
         "Softcap 30 under a boolean key-padding mask.",
         softcap=30.0,
         input_scale=6.0,
-        mask=_mask("key_padding", (2, 1, 1, 8)),
+        mask=mask_entry("key_padding", (2, 1, 1, 8)),
     ),
     # sliding windows
     spec(
@@ -693,7 +695,7 @@ CASES: list[dict[str, Any]] = [
         num_kv_heads=2,
         d_in=32,
         kv_lengths=[7, 4],
-        mask=_mask("random", (2, 8, 8, 8), keep=0.7, keep_diagonal=True),
+        mask=mask_entry("random", (2, 8, 8, 8), keep=0.7, keep_diagonal=True),
     ),
     spec(
         "variant_kv_lengths_window_causal_decode_tq2",
@@ -711,7 +713,7 @@ CASES: list[dict[str, Any]] = [
         "first two queries sit before its first key and see nothing.",
         causal=True,
         kv_lengths=[8, 6],
-        attn_bias=_bias("alibi", (1, 4, 8, 8), grad=False),
+        attn_bias=bias_entry("alibi", (1, 4, 8, 8), grad=False),
     ),
     spec(
         "variant_everything_softcap_window_lengths_bias_gqa",
@@ -727,7 +729,7 @@ CASES: list[dict[str, Any]] = [
         kv_len=9,
         self_attention=False,
         input_scale=4.0,
-        attn_bias=_bias("random", (1, 4, 4, 9)),
+        attn_bias=bias_entry("random", (1, 4, 4, 9)),
     ),
     # --- modes ----------------------------------------------------------------------
     spec(

@@ -17,6 +17,7 @@ import numpy as np
 from mha_conformance.impls import error_model, reference
 from mha_conformance.vectors import golden
 from mha_conformance.vectors.catalogue import CASES
+from mha_conformance.vectors.stream import FixedStream, seed_of
 
 #: What the baselines emulate, stored with each case so a reader knows what was measured.
 EMULATION = (
@@ -32,6 +33,10 @@ EMULATION = (
     "per-row shift), at least the sum over tokens of the emulated key-projection gradient's "
     "errors, which bounds its noise in any summation order."
 )
+
+
+#: What a case's random numbers are drawn from.
+Stream = np.random.Generator | FixedStream
 
 
 def case_seed(case_id: str) -> int:
@@ -65,7 +70,7 @@ def representable(x: np.ndarray, dtypes: list[str], grid: str | None = None) -> 
     return x
 
 
-def build_mask(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray | None:
+def build_mask(spec: dict[str, Any], rng: Stream) -> np.ndarray | None:
     """The boolean mask (True = may attend) that the spec's ``mask`` entry describes.
 
     Kinds: ``key_padding`` (per batch row a valid key length, at least 1, the first row
@@ -116,11 +121,12 @@ def t5_bucket(distance: np.ndarray, buckets: int = 8, max_distance: int = 16) ->
     return bucket + np.where(n < exact, n, np.minimum(large, half - 1))
 
 
-def build_bias(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray | None:
+def build_bias(spec: dict[str, Any], rng: Stream) -> np.ndarray | None:
     """The additive bias [B|1, H|1, Tq, Tk] the spec's ``attn_bias`` entry describes (``-inf`` = masked).
 
     Kinds: ``alibi`` (head h's slope ``2^(-8(h+1)/H)`` times ``-|p - j|``, p the query's
     bottom-right position), ``t5`` (a learned value per head and :func:`t5_bucket` of ``j - p``),
+    ``band`` (normal values where ``|j - p| <= width``, ``-inf`` elsewhere: a banded float mask),
     and ``random`` (normal values; ``neginf`` sets that fraction of entries to ``-inf``, except the
     causal diagonal with ``keep_diagonal``; ``rows`` sets whole query rows to ``-inf``).
     """
@@ -142,6 +148,8 @@ def build_bias(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray | N
     elif kind == "t5":
         table = rng.standard_normal((heads, 8))
         bias = table[:, t5_bucket(distance)]
+    elif kind == "band":
+        bias = np.where(np.abs(distance) <= entry["width"], rng.standard_normal(shape), -np.inf)
     elif kind == "random":
         bias = rng.standard_normal(shape)
         off = rng.random(shape) < entry.get("neginf", 0.0)
@@ -155,9 +163,18 @@ def build_bias(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray | N
     return np.where(np.isinf(bias), bias, representable(bias, spec["dtypes"])).astype(bias.dtype)
 
 
+def case_stream(spec: dict[str, Any]) -> Stream:
+    """Where a case's random numbers come from: the fixed-bit stream for a spec that names it
+    (``stream: splitmix64``, the kernel-scale cases, generated on the user's machine), else
+    ``np.random.default_rng`` (the committed cases, generated once)."""
+    if spec.get("stream") == "splitmix64":
+        return FixedStream(seed_of(spec["id"]))
+    return np.random.default_rng(case_seed(spec["id"]))
+
+
 def build_inputs(spec: dict[str, Any]) -> dict[str, np.ndarray]:
     """Inputs, weights, biases, mask and ``grad_output`` for one case."""
-    rng = np.random.default_rng(case_seed(spec["id"]))
+    rng = case_stream(spec)
     dt = spec["dtypes"]
     b, tq, tk = spec["batch"], spec["q_len"], spec["kv_len"]
     h, hkv, hd, hdv = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["v_head_dim"]

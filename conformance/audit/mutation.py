@@ -6,6 +6,11 @@ whatever other checks the suite holds) in one subprocess against every mutant in
 twin, reads the JSON report and prints, per mutant, whether it was killed and by which cases,
 then the score. Exit status 0 when every mutant is killed and the twin passes, else 1.
 
+``--kernel`` audits the kernels' shape-dependent bugs instead (``KERNEL_MUTANTS``): each is run
+on the committed catalogue and on the kernel tier (``--kernel-scale``). The table shows both: a
+mutant the committed cases cannot see and the kernel tier kills is the evidence the tier is
+needed. Exit status 0 when the kernel tier kills every one and the twin passes both.
+
 A mutant is killed when at least one of its tests *fails* (the verdict, or a crash judged as a
 failure); errors of the harness do not count. The twin must have no failure and no error: a
 suite that fails a correct implementation kills mutants for the wrong reason. A survivor is a
@@ -160,6 +165,43 @@ def format_table(result: MutationRun, max_cases: int = 4) -> str:
     return "\n".join(lines)
 
 
+def format_kernel_table(small: MutationRun, kernel: MutationRun, max_cases: int = 3) -> str:
+    """Markdown: each kernel mutant on the committed catalogue and on the kernel tier."""
+    lines = [
+        "| mutant | bug | committed catalogue | kernel tier | killed by (first kernel cases) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+
+    def outcome(m: MutantResult, twin: bool, passes: bool) -> str:
+        run_count = sum(m.counts.values()) - m.counts.get("skipped", 0)
+        if twin:
+            return f"{'passes' if passes else '**FAILS**'} ({run_count} tests)"
+        return f"{'killed' if m.killed else 'survives'} ({len(m.failed)} of {run_count} failed)"
+
+    pairs = [*zip(small.mutants, kernel.mutants, strict=True), (small.twin, kernel.twin)]
+    for m_small, m_kernel in pairs:
+        twin = m_small is small.twin
+        cases = m_kernel.killing_cases()
+        shown = ", ".join(f"`{c}`" for c in cases[:max_cases]) + (
+            f" and {len(cases) - max_cases} more" if len(cases) > max_cases else ""
+        )
+        kernel_cell = outcome(m_kernel, twin, kernel.twin_passes)
+        if not twin and not m_kernel.killed:
+            kernel_cell = f"**SURVIVED** ({kernel_cell})"
+        lines.append(
+            f"| `{m_small.name}` | {m_small.bug} | {outcome(m_small, twin, small.twin_passes)} | {kernel_cell} | "
+            f"{shown or '-'} |"
+        )
+    killed, total = kernel.score
+    seen = small.score[0]
+    lines += [
+        "",
+        f"Kernel tier: {killed}/{total} killed; committed catalogue alone: {seen}/{total}; correct twin "
+        f"{'passes' if small.twin_passes and kernel.twin_passes else 'FAILS'} on both.",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mha_conformance.audit.mutation", description=__doc__.split("\n\n")[0]
@@ -172,6 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--mutant", action="append", default=[], help="only these mutants (names, repeatable)"
     )
+    parser.add_argument(
+        "--kernel",
+        action="store_true",
+        help="the kernels' shape-dependent mutants, on the committed catalogue and on the kernel tier",
+    )
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     parser.add_argument(
         "--markdown", type=Path, help="also write the table, stamped, here (docs/generated/mutation.md)"
@@ -182,18 +229,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         + [a for d in args.dtype for a in ("--dtype", d)]
         + (["--quick"] if args.quick else [])
     )
-    chosen = [m for m in mutants.MUTANTS if not args.mutant or m.name in args.mutant]
-    result = run(pytest_args, chosen)
-    print(format_table(result))
+    pool = mutants.KERNEL_MUTANTS if args.kernel else mutants.MUTANTS
+    chosen = [m for m in pool if not args.mutant or m.name in args.mutant]
+    command = " ".join(
+        ["python -m mha_conformance.audit.mutation", *(argv if argv is not None else sys.argv[1:])]
+    )
+    if args.kernel:
+        small = run(pytest_args, chosen)
+        result = run([*pytest_args, "--kernel-scale"], chosen)
+        text, ok = format_kernel_table(small, result), result.ok and small.twin_passes
+        data = {"committed": small.as_dict(), "kernel": result.as_dict()}
+    else:
+        result = run(pytest_args, chosen)
+        text, ok, data = format_table(result), result.ok, result.as_dict()
+    print(text)
     if args.markdown:
-        command = " ".join(
-            ["python -m mha_conformance.audit.mutation", *(argv if argv is not None else sys.argv[1:])]
-        )
-        write_markdown(args.markdown, command, format_table(result))
+        write_markdown(args.markdown, command, text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result.as_dict(), indent=1))
-    return 0 if result.ok else 1
+        args.json.write_text(json.dumps(data, indent=1))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

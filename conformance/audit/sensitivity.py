@@ -1,6 +1,6 @@
 """The tolerance rule's verdict power: the smallest relative error of a result that fails.
 
-``python -m mha_conformance.audit.sensitivity [--vectors DIR] [--before-rev REV] [--markdown PATH]``
+``python -m mha_conformance.audit.sensitivity [--vectors DIR] [--kernel-scale] [--before-rev REV] [--markdown PATH]``
 
 For every ordinary case (inputs and weights at unit scale, no empty rows), every dtype and
 every judged tensor, the float64 truth is scaled by ``1 + delta``, rounded to the dtype, and
@@ -8,7 +8,9 @@ judged; a bisection finds the smallest ``delta`` that fails at the default k. Th
 its median and largest value per dtype and tensor kind, so a reader sees how large a mistake
 each dtype can hide. With ``--before-rev``, the same figures for the vectors committed at
 ``REV`` under the rule of that time (the single straightforward baseline, no dtype floor), for
-comparison. The README's figures come from this command.
+comparison. The README's figures come from this command. With ``--kernel-scale``, the same over
+the kernel tier's cases (``vectors/kernels.py``; their truths computed on first use and cached),
+and ``--valid-orders`` runs the orders kernels use at that scale (``KERNEL_VALID_ORDERS``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import ml_dtypes
@@ -27,7 +29,7 @@ from mha_conformance.impls.error_model import EPS
 from mha_conformance.results.report import source_root
 from mha_conformance.results.tables import write_markdown
 from mha_conformance.tolerance import DEFAULT_K, judge
-from mha_conformance.vectors import golden
+from mha_conformance.vectors import golden, materialize
 
 NUMPY = {"float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 KINDS = {
@@ -79,11 +81,23 @@ def smallest_failing(case: golden.GoldenCase, name: str, dtype: str, legacy: boo
     return hi
 
 
-def measure(root: Path, legacy: bool = False) -> dict[tuple[str, str], list[float]]:
+def each_case(root: Path, kernel: bool = False) -> Iterator[tuple[str, golden.GoldenCase]]:
+    """Every case of the committed store at ``root``, or (``kernel``) of its kernel manifest, loaded
+    one at a time (a kernel-scale truth is computed on first use, with a progress line)."""
+    if not kernel:
+        for case_id in golden.case_ids(root):
+            yield case_id, golden.load_case(case_id, root)
+        return
+    manifest = materialize.read_kernel_manifest(root / materialize.KERNEL_MANIFEST.name)
+    for n, case_id in enumerate(manifest["cases"], 1):
+        print(f"[{n}/{len(manifest['cases'])}] {case_id}", file=sys.stderr, flush=True)
+        yield case_id, materialize.load_kernel_case(case_id, manifest, lambda line: None)
+
+
+def measure(root: Path, legacy: bool = False, kernel: bool = False) -> dict[tuple[str, str], list[float]]:
     """``{(dtype, kind): [smallest failing delta per ordinary case and tensor]}``."""
     found: dict[tuple[str, str], list[float]] = {}
-    for case_id in golden.case_ids(root):
-        case = golden.load_case(case_id, root)
+    for _, case in each_case(root, kernel):
         if not ordinary(case.spec):
             continue
         for dtype in case.spec["dtypes"]:
@@ -167,20 +181,21 @@ def elementwise_study(
     return "\n".join(lines) + "\n"
 
 
-def valid_order_margins(root: Path) -> str:
+def valid_order_margins(root: Path, kernel: bool = False) -> str:
     """The evidence for the floor's constant: each valid order of ``impls/variants/valid_orders.py`` (none of
     them an ensemble member) on every case, the worst ratio it reaches per dtype and tensor kind,
-    and the smallest ``c`` that would keep it within baseline plus floor (ratio <= 1)."""
+    and the smallest ``c`` that would keep it within baseline plus floor (ratio <= 1). ``kernel``:
+    the kernel tier's cases and the orders kernels use at scale."""
     from mha_conformance.execution.harness import cast_inputs, runtime_inputs
     from mha_conformance.impls.error_model import FLOOR_C, floor
     from mha_conformance.impls.variants import valid_orders
 
     kind_of = {name: kind for kind, names in KINDS.items() for name in names} | {"grad_b_k": "bias gradients"}
     found: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
-    for case_id in golden.case_ids(root):
-        case = golden.load_case(case_id, root)
+    orders = valid_orders.KERNEL_VALID_ORDERS if kernel else valid_orders.VALID_ORDERS
+    for case_id, case in each_case(root, kernel):
         for dtype in case.spec["dtypes"]:
-            for cls in valid_orders.VALID_ORDERS:
+            for cls in orders:
                 adapter = cls()
                 result = adapter.prepare(cast_inputs(case, dtype), case.spec, dtype, "cpu")(
                     runtime_inputs(case, dtype)
@@ -273,16 +288,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--valid-orders", action="store_true", help="instead: the valid orders' margins, and the c they need"
     )
-    args = parser.parse_args(argv)
-    command = "python -m mha_conformance.audit.sensitivity" + "".join(
-        f" {flag}"
-        for flag, on in (("--elementwise", args.elementwise), ("--valid-orders", args.valid_orders))
-        if on
+    parser.add_argument(
+        "--kernel-scale",
+        action="store_true",
+        help="the kernel tier's cases (vectors/KERNELS.json) instead of the committed ones",
     )
+    args = parser.parse_args(argv)
+    flags = (("--elementwise", args.elementwise), ("--valid-orders", args.valid_orders))
+    flags += (("--kernel-scale", args.kernel_scale),)
+    command = "python -m mha_conformance.audit.sensitivity" + "".join(f" {flag}" for flag, on in flags if on)
     if args.elementwise:
+        if args.kernel_scale:
+            parser.error("--elementwise studies the committed cases only")
         body = elementwise_study(args.vectors)
     elif args.valid_orders:
-        body = valid_order_margins(args.vectors)
+        body = valid_order_margins(args.vectors, args.kernel_scale)
+    elif args.kernel_scale:
+        if args.before_rev:
+            parser.error("--before-rev compares committed vectors; the kernel tier has no earlier rule")
+        body = table(measure(args.vectors, kernel=True), None)
     else:
         before = None
         if args.before_rev:

@@ -16,7 +16,13 @@ kinds after it then use; without one, the runs use this machine's own caches:
   on (writing what they compile) and off (JAX's compilation cache and inductor's FX-graph and
   autograd caches disabled, as before the suite kept caches): whether the first run pays for
   the caches. A kind after ``uncached-quick`` that does not start cold uses its folder, which
-  holds next to nothing.
+  holds next to nothing;
+* ``kernel-cold`` / ``kernel-warm``: the kernel tier (``--kernel-scale``) from an empty cache
+  folder (every kernel-scale truth computed first: the tier's first use) and again, warm.
+
+Every run also records the peak resident memory of the largest process it ran (the suite, an
+xdist worker or an adapter's worker), as the operating system counts it for the finished
+process tree.
 
 Each run's JSON report goes to ``DIR/<label>-<kind>.json``; then the tables are rendered from
 every report in ``DIR`` (so one label per backend, each from its own environment, adds up to one
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,7 +76,16 @@ KINDS = {
     "n2": Kind(("-n", "2")),
     "cold-quick": Kind(("--quick",), fresh=True),
     "uncached-quick": Kind(("--quick",), fresh=True, env=tuple(NO_CACHES.items())),
+    "kernel-cold": Kind(("--kernel-scale",), fresh=True),
+    "kernel-warm": Kind(("--kernel-scale",)),
 }
+KERNEL_KINDS = ("kernel-cold", "kernel-warm")
+#: Runs a command and prints the peak resident memory (kB) of its largest process, waited for.
+PEAK = (
+    "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+    "print(f'peak-rss-kb {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', file=sys.stderr); "
+    "sys.exit(done.returncode)"
+)
 DEFAULT_KINDS = ("cold", "warm", "quick")
 OUT = Path("results/timing")
 
@@ -98,16 +114,22 @@ def run_kind(
     print(f"{step} {label}: {kind} run ...", flush=True)
     args = ["-q", "--no-header", "--tb=no", "-p", "no:randomly", "--label", label, "--report", str(report)]
     start = time.monotonic()
-    proc = suite.run([*args, *pytest_args], env=env)
+    cmd = [sys.executable, "-c", PEAK, *suite.command([*args, *pytest_args])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if not report.exists():
         raise SystemExit(
             f"the {kind} run wrote no report (exit {proc.returncode}):\n"
             f"{proc.stdout[-3000:]}{proc.stderr[-2000:]}"
         )
-    run = json.loads(report.read_text())["run"]
+    data = json.loads(report.read_text())
+    run = data["run"]
+    peaks = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("peak-rss-kb ")]
+    if peaks:
+        run["peak_rss_largest_mb"] = round(int(peaks[-1]) / 1024, 1)
+        report.write_text(json.dumps(data, indent=1, default=str))
     print(
         f"    {time.monotonic() - start:.0f} s wall, {run['duration']:.0f} s test time, "
-        f"{run['cache_added']} cache files added",
+        f"{run['cache_added']} cache files added, largest process {run.get('peak_rss_largest_mb', '-')} MB",
         flush=True,
     )
 
@@ -143,9 +165,44 @@ def seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def kernel_table(found: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Markdown: per label, the kernel tier's first use and warm run, its tests and outcomes, and
+    the peak memory of the suite process and of the largest process."""
+    lines = [
+        "| backend | first use (s) | warm (s) | tests | outcomes (warm) | suite peak (MB) | largest process (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, reports in sorted(found.items()):
+        cold, warm = reports.get("kernel-cold"), reports.get("kernel-warm")
+        last = warm or cold
+        if last is None:
+            continue
+        counts: dict[str, int] = defaultdict(int)
+        for t in last["tests"]:
+            counts[t["outcome"]] += 1
+        peak = max((r["run"].get("peak_rss_largest_mb", 0) for r in (cold, warm) if r), default=0)
+        suite_peak = max(r["run"]["peak_rss_mb"] for r in (cold, warm) if r)
+        lines.append(
+            f"| {label} | {seconds(cold and cold['run']['duration'])} | {seconds(warm and warm['run']['duration'])} "
+            f"| {len(last['tests'])} | {', '.join(f'{n} {o}' for o, n in sorted(counts.items()))} "
+            f"| {suite_peak:.0f} | {peak:.0f} |"
+        )
+    lines += [
+        "",
+        "First use starts from an empty cache folder, so it computes every kernel-scale truth "
+        "(vectors/materialize.py) and compiles what the adapters compile; warm is the same command "
+        "again. The largest process is the peak resident memory of the biggest process of the run "
+        "(the suite, an xdist worker or an adapter's worker) as the kernel counts it.",
+    ]
+    return "\n".join(lines)
+
+
 def tables(found: dict[str, dict[str, dict[str, Any]]]) -> str:
     """Markdown: per label, each kind's test time and test count; then, for each label's warm
-    (else cold) run, where the test time goes by check and the slowest adapters."""
+    (else cold) run, where the test time goes by check and the slowest adapters (the kernel
+    tier's runs: :func:`kernel_table`)."""
+    if all(set(r) <= set(KERNEL_KINDS) for r in found.values()):
+        return kernel_table(found)
     kinds = [k for k in KINDS if any(k in r for r in found.values())]
     head = "| backend | " + " | ".join(f"{k} (s)" for k in kinds) + " | tests (full / quick) | verdicts |"
     lines = [head, "|" + " --- |" * (len(kinds) + 3)]
@@ -237,6 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "nox -s conformance -- --timing (per backend: python -m mha_conformance.audit.timing "
             f"--out {args.out} --markdown {args.markdown})"
         )
+        if all(set(r) <= set(KERNEL_KINDS) for r in found.values()):
+            command = (
+                "nox -s conformance -- --timing --kind kernel-cold --kind kernel-warm --out "
+                f"{args.out} --markdown {args.markdown} --adapter ... (per backend)"
+            )
         write_markdown(args.markdown, command, body)
     diff = [f"{label}: {d}" for label, reports in found.items() for d in differences(reports)]
     for line in diff:

@@ -20,8 +20,10 @@ class Golden(Check):
 
     def judge(self, case, runs, results, dtype, k) -> tuple[list[Verdict], str]:
         (result,) = results
-        verdicts = [
-            judge_tensor(result[n], case, n, dtype, k) for n in ("output", "attn_weights") if n in result
+        verdicts = [  # a kernel-scale case too large to store its attention weights judges the output alone
+            judge_tensor(result[n], case, n, dtype, k)
+            for n in ("output", "attn_weights")
+            if n in result and n in case.tensors
         ]
         return verdicts, "differs from the golden expectations"
 

@@ -19,6 +19,10 @@ class Gradients(Check):
     name = "gradients"
     selector = "test_gradients"
 
+    def applies(self, spec) -> bool:
+        """Every case that holds a gradient (a kernel-scale case for the forward alone holds none)."""
+        return bool(spec["gradients"])
+
     def runs(self, case, dtype):
         return [Run("backward", case)]
 

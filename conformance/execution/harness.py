@@ -107,15 +107,18 @@ def prepared(adapter: Adapter, case: golden.GoldenCase, dtype: str, device: str,
     return fn
 
 
-def decode_tokens(new_stream: Any, inputs: Mapping[str, np.ndarray]) -> Any:
-    """Feed a decoder one token at a time: token t's query, key and value, against everything
-    the adapter cached so far; return the steps' tensors stacked like a full pass's (every key a
-    step returned, so the check sees what it did not ask for). A step that returns something
+def decode_tokens(new_stream: Any, inputs: Mapping[str, np.ndarray], prefill: int = 0) -> Any:
+    """Feed a decoder one token at a time (after one call with the first ``prefill`` tokens, when
+    the case fills its cache that way): each call's query, key and value, against everything the
+    adapter cached so far; return the calls' tensors stacked like a full pass's (every key a
+    call returned, so the check sees what it did not ask for). A call that returns something
     else is returned as it is, for the check to judge malformed."""
     step = new_stream()  # a fresh cache for every run
     steps, meta = [], {}
-    for t in range(inputs["query"].shape[1]):
-        result = step({n: inputs[n][:, t : t + 1] for n in ("query", "key", "value")})
+    total = inputs["query"].shape[1]
+    bounds = ([(0, prefill)] if prefill else []) + [(t, t + 1) for t in range(prefill, total)]
+    for start, stop in bounds:
+        result = step({n: inputs[n][:, start:stop] for n in ("query", "key", "value")})
         tensors = result if isinstance(result, Mapping) else {}
         arrays = {n: v for n, v in tensors.items() if n != "meta"}
         if not tensors or not all(isinstance(v, np.ndarray) and v.ndim >= 2 for v in arrays.values()):
@@ -171,7 +174,10 @@ def call(
     given = runtime_inputs(case, dtype, op) if inputs is None else dict(inputs)
     runtime = {n: np.array(a, copy=True) for n, a in given.items()}
     try:
-        result = decode_tokens(built, runtime) if op == "decode" else built(runtime)
+        if op == "decode":
+            result = decode_tokens(built, runtime, case.spec.get("decode_prefill") or 0)
+        else:
+            result = built(runtime)
     except Exception as exc:
         return failure(adapter, exc, "call")
     changed = [n for n, a in runtime.items() if not same_bits(a, np.asarray(given[n]))]

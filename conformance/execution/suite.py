@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -23,10 +23,13 @@ from mha_conformance.execution.worker import Worker
 from mha_conformance.impls import cache, registry
 from mha_conformance.impls.adapter import Adapter
 from mha_conformance.results import report
-from mha_conformance.vectors import golden
+from mha_conformance.vectors import golden, kernels, materialize
 
 #: Cases whose tensors the suite keeps loaded at once (a property's second run may need another).
 CASES_HELD = 2
+#: The checks the kernel tier runs: what a kernel computes, at its shapes. The properties (relations
+#: between two runs) are semantic and need no kernel-scale case to show.
+KERNEL_CHECKS = ("golden", "gradients", "decoding")
 
 
 def positive(option: str, value: float) -> float:
@@ -83,6 +86,13 @@ class Suite:
         self.device = option("--device")
         self.dtypes: list[str] = option("--dtype")
         self.quick: bool = option("--quick")
+        kernel = option("--kernel-scale")
+        # On a GPU the tiled kernels are what runs: the kernel tier is the default there (unless
+        # --case names cases, which then are the committed ones' ids).
+        self.kernel: bool = kernel if kernel is not None else self.device == "cuda" and not option("--case")
+        self.memory_budget = positive("--memory-budget", option("--memory-budget"))
+        #: Where the kernel tier's first use reports its progress (the plugin sets the terminal).
+        self.progress: Callable[[str], None] | None = None
         self.started = datetime.now(timezone.utc)
         self.cache_entries = cache.entries()
         self.records: dict[str, report.TestRecord] = {}
@@ -117,8 +127,11 @@ class Suite:
 
     def validate_cases(self, globs: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Every selected case, validated now (bad vectors stop the run before any adapter runs);
-        only the specs are kept: a case's tensors are loaded when its tests run."""
+        only the specs are kept: a case's tensors are loaded when its tests run. The kernel tier's
+        cases come from ``vectors/KERNELS.json``, their specs checked against ``vectors/kernels.py``."""
         try:
+            if self.kernel:
+                return self.kernel_cases(globs)
             self.manifest = golden.read_manifest(self.vectors)
             unmatched = [g for g in globs if not any(fnmatchcase(c, g) for c in self.manifest["cases"])]
             if unmatched:
@@ -131,13 +144,65 @@ class Suite:
         except golden.VectorError as exc:
             raise pytest.UsageError(f"golden vectors: {exc}") from None
 
+    def kernel_cases(self, globs: Sequence[str]) -> dict[str, dict[str, Any]]:
+        self.manifest = materialize.read_kernel_manifest(self.vectors / materialize.KERNEL_MANIFEST.name)
+        catalogue = {c["id"]: c for c in kernels.KERNEL_CASES}
+        stale = [
+            c
+            for c, entry in self.manifest["cases"].items()
+            if {k: v for k, v in entry["spec"].items() if k != "fully_masked_rows"} != catalogue.get(c)
+        ] + sorted(set(catalogue) - set(self.manifest["cases"]))
+        if stale:
+            raise golden.VectorError(
+                f"vectors/KERNELS.json does not match vectors/kernels.py for {', '.join(stale[:3])}"
+                f"{' ...' if len(stale) > 3 else ''}; restore both with `git checkout vectors/` or regenerate "
+                "(python -m mha_conformance.vectors generate --kernel)"
+            )
+        unmatched = [g for g in globs if not any(fnmatchcase(c, g) for c in self.manifest["cases"])]
+        if unmatched:
+            raise pytest.UsageError(
+                f"--case {', '.join(repr(g) for g in unmatched)} matches no kernel-scale case id; the ids are "
+                f"the keys of vectors/KERNELS.json (e.g. {next(iter(self.manifest['cases']), '-')})"
+            )
+        return {
+            c: dict(entry["spec"])
+            for c, entry in self.manifest["cases"].items()
+            if any(fnmatchcase(c, g) for g in globs)
+        }
+
+    def materialize_kernel_truths(self) -> None:
+        """Compute (or find cached) every selected kernel-scale truth once, before any test runs,
+        with a progress line for each computed: xdist workers then read the cache instead of
+        computing the same truth side by side (a case the memory budget excludes is left out)."""
+        todo = [
+            c
+            for c, s in self.specs.items()
+            if kernels.memory_needed(s, "float64", "golden") <= self.memory_budget
+        ]
+        say = self.progress
+        for n, case_id in enumerate(todo, 1):
+
+            def heard(line: str, n: int = n, case_id: str = case_id) -> None:
+                if say:
+                    say(f"[{n}/{len(todo)}] {case_id}: computing its float64 truth, {line}")
+
+            try:
+                materialize.load_kernel_case(case_id, self.manifest, heard)
+            except golden.VectorError as exc:
+                raise pytest.UsageError(f"kernel-scale vectors: {exc}") from None
+
     def case(self, case_id: str) -> golden.GoldenCase:
         """A case's tensors, loaded (and re-verified) when its tests run; the suite keeps the last
         few, and runs each case's tests together (``order``), so memory stays flat."""
         if case_id in self.loaded:
             self.loaded.move_to_end(case_id)
             return self.loaded[case_id]
-        self.loaded[case_id] = golden.load_case(case_id, self.vectors, self.manifest)
+        if self.kernel:
+            say = self.progress
+            heard = (lambda line: say(f"{case_id}: computing its float64 truth, {line}")) if say else None
+            self.loaded[case_id] = materialize.load_kernel_case(case_id, self.manifest, heard)
+        else:
+            self.loaded[case_id] = golden.load_case(case_id, self.vectors, self.manifest)
         while len(self.loaded) > CASES_HELD:
             self.loaded.popitem(last=False)
         return self.loaded[case_id]
@@ -165,6 +230,8 @@ class Suite:
         """Every (check, adapter, device, dtype, case) the checks apply to, declared divergences as xfail."""
         out = []
         for name in checks:
+            if self.kernel and name not in KERNEL_CHECKS:
+                continue
             check = CHECKS[name]
             for adapter in self.adapters:
                 tests = [
@@ -188,8 +255,17 @@ class Suite:
         return out
 
     def run(self, target: Target, record: CheckRecord) -> CheckRecord:
-        """Run one test's check through the skeleton."""
+        """Run one test's check through the skeleton (a kernel-scale case past the memory budget is
+        a skip that says so)."""
         __tracebackhide__ = True
+        if self.kernel:
+            needed = kernels.memory_needed(self.specs[target.case], target.dtype, target.check)
+            if needed > self.memory_budget:
+                pytest.skip(
+                    f"case {target.case} needs about {needed:.1f} GB here (its truth and the adapter's "
+                    f"score matrices), over the memory budget of {self.memory_budget:g} GB; raise it with "
+                    "--memory-budget GB"
+                )
         return run_check(
             CHECKS[target.check],
             self.by_name[target.adapter],

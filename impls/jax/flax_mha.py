@@ -254,7 +254,9 @@ class FlaxMHA(JaxAdapter):
 
     def prepare_decoder(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Callable[[], Prepared]:
         """Flax's own autoregressive cache: ``init_cache`` for the case's length, then
-        ``decode=True`` with one token per call; the jitted step threads the cache state."""
+        ``decode=True`` with one token per call; the jitted step threads the cache state. Flax's
+        cache takes one token a call (it raises on more), so a prefill call is fed to it token
+        by token, as a Flax user has to."""
         if spec.get("window") is not None:
             raise NotImplementedError(
                 "flax.nnx.MultiHeadAttention's decode cache attends every cached key: it has no window"
@@ -271,8 +273,12 @@ class FlaxMHA(JaxAdapter):
             state = [initial]
 
             def run(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-                out, state[0] = step(state[0], self.put(inputs["query"], dtype, device), graphdef=graphdef)
-                return {"output": self.fetch(out, dtype, device)}
+                outs = []
+                for t in range(inputs["query"].shape[1]):  # a prefill: its tokens one by one
+                    token = self.put(inputs["query"][:, t : t + 1], dtype, device)
+                    out, state[0] = step(state[0], token, graphdef=graphdef)
+                    outs.append(self.fetch(out, dtype, device))
+                return {"output": np.concatenate(outs, axis=1)}
 
             return run
 

@@ -246,7 +246,7 @@ class OnnxContribGQA(OnnxRuntimeAdapter):
 
     def prepare_decoder(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Callable[[], Prepared]:
         """``present_key``/``present_value`` fed back as the next step's past (an empty past first);
-        each step's ``attention_bias`` is row t of the case's bias and mask."""
+        each step's ``attention_bias`` is its rows of the case's bias and mask (a prefill's N rows)."""
         what = f"{self.name}: case {spec['id']} in {dtype}, decoding"
         session = Session(gqa_model(case, spec, dtype, cache=True), device, self.kernel, what)
         b, hkv, hd = spec["batch"], spec["num_kv_heads"], head_size(spec)
@@ -259,16 +259,16 @@ class OnnxContribGQA(OnnxRuntimeAdapter):
             }
 
             def step(token: Mapping[str, np.ndarray]) -> dict[str, Any]:
-                t = cache["past_key"].shape[2]
-                feeds = {n: to_io(token[n], dtype) for n in ("query", "key", "value")}
-                feeds["seqlens_k"] = np.full(b, t, np.int32)
-                feeds["total_sequence_length"] = np.array(t + 1, np.int32)
+                t, n = cache["past_key"].shape[2], token["query"].shape[1]  # n > 1: a prefill
+                feeds = {name: to_io(token[name], dtype) for name in ("query", "key", "value")}
+                feeds["seqlens_k"] = np.full(b, t + n - 1, np.int32)
+                feeds["total_sequence_length"] = np.array(t + n, np.int32)
                 if folded is not None:
-                    feeds["attention_bias"] = to_io(folded[:, :, t : t + 1, : t + 1], dtype)
+                    feeds["attention_bias"] = to_io(folded[:, :, t : t + n, : t + n], dtype)
                 out, cache["past_key"], cache["past_value"] = session.run(
                     {**feeds, **cache}, ["output", "present_key", "present_value"]
                 )
-                meta = {**session.meta, "onnxruntime": ort_version(), "cache_length": str(t + 1), **about}
+                meta = {**session.meta, "onnxruntime": ort_version(), "cache_length": str(t + n), **about}
                 return {"output": from_io(out, dtype), "meta": meta}
 
             return step

@@ -126,7 +126,7 @@ class Mods:
             position = at + ends[bb] - tq  # its position among its row's keys
             ok = kv_idx < ends[bb]
             if decoding:
-                ok = ok & (kv_idx <= first)  # the cache holds tokens 0..row
+                ok = ok & (kv_idx <= at)  # the cache holds tokens 0..row (a prefill: each query its own)
             ok = ok & (~causal | (kv_idx <= position))
             ok = ok & ((left < 0) | (kv_idx >= position - left))
             ok = ok & ((right < 0) | (kv_idx <= position + right))
@@ -260,9 +260,9 @@ class TorchFlex(TorchAdapter):
         return run
 
     def prepare_decoder(self, case: Arrays, spec: Spec, dtype: str, device: str) -> Callable[[], Prepared]:
-        """A cache of projected keys and values of the case's full length; each step writes its
-        row and its query attends rows 0..step through the block mask, with the case's
-        score_mod (every step has the same shapes)."""
+        """A cache of projected keys and values of the case's full length; each call writes its
+        rows (one token's, or a prefill's) and each of its queries attends rows 0 to its own
+        through the block mask, with the case's score_mod."""
         t = import_torch()
         params = {n: to_torch(a, dtype, device) for n, a in case.items() if n[:2] in ("w_", "b_")}
         mask, bias = self.extras(case, dtype, device)
@@ -276,16 +276,16 @@ class TorchFlex(TorchAdapter):
             fed = [0]
 
             def step(token: Mapping[str, np.ndarray]) -> dict[str, Any]:
-                row = fed[0]
+                row, n = fed[0], token["query"].shape[1]  # n > 1: a prefill
                 before = self.state()
                 with t.no_grad():
-                    x = {n: to_torch(token[n], dtype, device) for n in ("query", "key", "value")}
-                    keys[:, :, row : row + 1] = project_heads(params, x["key"], "k", hkv, hd)
-                    values[:, :, row : row + 1] = project_heads(params, x["value"], "v", hkv, hdv)
+                    x = {name: to_torch(token[name], dtype, device) for name in ("query", "key", "value")}
+                    keys[:, :, row : row + n] = project_heads(params, x["key"], "k", hkv, hd)
+                    values[:, :, row : row + n] = project_heads(params, x["value"], "v", hkv, hdv)
                     at = t.tensor(row, device=device)
                     out = self.attend(params, x["query"], keys, values, spec, mods, mask, bias, row=at)
-                fed[0] = row + 1
-                meta = {"cache_length": str(row + 1), **self.call_meta(before)}
+                fed[0] = row + n
+                meta = {"cache_length": str(row + n), **self.call_meta(before)}
                 return {"output": to_numpy(out, dtype, device), "meta": meta}
 
             return step

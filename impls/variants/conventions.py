@@ -37,6 +37,26 @@ class Convention:
     biases: bool = True  # add the biases the case has
     softcap: str = "before_bias"  # contract v2: "before_bias", "after_bias" (the bias capped too), "ignored"
     window: str = "bottom_right"  # a window's query position: "bottom_right", "top_left" (i), "ignored"
+    #: A kernel's shape-dependent bug (:data:`KERNEL_BUGS`), exact on every other shape; "" for none.
+    kernel: str = ""
+
+
+#: Tiled kernels' bugs by shape, each only where its shape occurs: keys tiled by TILE, head dims
+#: padded to a multiple of 8 up to a largest template of 128, long caches split by SPLIT keys.
+TILE, TEMPLATE, SPLIT = 64, 128, 2048
+KERNEL_BUGS = {
+    "tail_tile_dropped": "keys past the last full 64-key tile ignored (more than one tile, a tail)",
+    "tail_tile_unmasked": "the tail tile's padding keys (score 0, value 0) left in the softmax",
+    "partial_query_tile_offset": "the last partial query tile (after a full one) takes its causal offset "
+    "from a full tile: its queries see up to 63 keys too few",
+    "head_dim_padding_garbage": "head dims above 8 padded to a multiple of 8 with the next head's "
+    "values instead of zeros",
+    "head_dim_truncated": "head dims above the 128 template truncated to 128 in Q K^T",
+    "split_k_no_rescale": "caches over 2048 keys split in 2048-key parts whose results are combined "
+    "by their sums without rescaling to the common maximum (a few queries)",
+    "window_edge_off_by_one": "a window's left edge inside a tile lets one key too many in (past one tile)",
+    "length_edge_off_by_one": "a per-batch key length inside a tile lets one key too many in (past one tile)",
+}
 
 
 REFERENCE = Convention()
@@ -53,19 +73,31 @@ def _allowed(
         allowed &= bias > -np.inf
     lengths = spec.get("kv_lengths") or [tk] * b
     for row, length in enumerate(lengths):  # contract v2: each row's keys, aligned to its length
+        if conv.kernel == "length_edge_off_by_one" and tk > TILE and length < tk and length % TILE:
+            length += 1  # the row is read as one key longer, and aligned to that
         allowed[row, ..., length:] = False
         offset = length - tq
         if spec["causal"] and conv.causal != "ignored":
             shift = {"bottom_right": offset, "top_left": 0, "off_by_one": offset + 1}[conv.causal]
             allowed[row] &= np.tri(tq, tk, k=shift, dtype=bool)
+        if conv.kernel == "partial_query_tile_offset" and spec["causal"] and tq > TILE and tq % TILE:
+            start = tq // TILE * TILE
+            allowed[row, ..., start:, :] &= np.tri(tq, tk, k=offset - (TILE - tq % TILE), dtype=bool)[start:]
         window = spec.get("window")
         if window is not None and conv.window != "ignored":
             shift = offset if conv.window == "bottom_right" else 0
             left, right = window
             if left >= 0:
-                allowed[row] &= ~np.tri(tq, tk, k=shift - left - 1, dtype=bool)
+                edge = ~np.tri(tq, tk, k=shift - left - 1, dtype=bool)
+                if conv.kernel == "window_edge_off_by_one" and tk > TILE:
+                    first = np.arange(tq) + shift - left  # each query's first key
+                    inside = (first > 0) & (first % TILE != 0)
+                    edge[inside, first[inside] - 1] = True
+                allowed[row] &= edge
             if right >= 0:
                 allowed[row] &= np.tri(tq, tk, k=shift + right, dtype=bool)
+    if conv.kernel == "tail_tile_dropped" and tk > TILE and tk % TILE:
+        allowed[..., tk // TILE * TILE :] = False
     return allowed
 
 
@@ -115,7 +147,14 @@ def attention(
     k, v = k[:, kv_head], v[:, kv_head]
     default = {"rsqrt_d": hd**-0.5, "inv_d": 1.0 / hd, "one": 1.0}[conv.scale]
     scale = spec["scale"] if spec["scale"] is not None else default
-    scores = q @ k.transpose(0, 1, 3, 2) * scale
+    if conv.kernel == "head_dim_truncated" and hd > TEMPLATE:
+        scores = q[..., :TEMPLATE] @ k[..., :TEMPLATE].transpose(0, 1, 3, 2) * scale
+    else:
+        scores = q @ k.transpose(0, 1, 3, 2) * scale
+    if conv.kernel == "head_dim_padding_garbage" and hd > 8 and hd % 8:
+        pad = 8 - hd % 8  # the padding columns hold the next head's first values
+        nxt = (np.arange(h) + 1) % h
+        scores = scores + q[:, nxt, :, :pad] @ k[:, nxt, :, :pad].transpose(0, 1, 3, 2) * scale
     bias = f64.get("attn_bias")
     allowed = _allowed(spec, case.get("mask"), bias, conv)
     cap = spec.get("softcap")
@@ -125,7 +164,29 @@ def attention(
         scores = scores + np.where(np.isfinite(bias), bias, 0.0)
     if cap is not None and conv.softcap == "after_bias":
         scores = cap * np.tanh(scores / cap)
-    weights = _softmax(scores, allowed, conv)
+    tk = spec["kv_len"]
+    if conv.kernel == "tail_tile_unmasked" and tk > TILE and tk % TILE:
+        pad = TILE - tk % TILE  # zero scores the softmax should not see, zero values
+        scores = np.concatenate([scores, np.zeros(scores.shape[:-1] + (pad,))], -1)
+        allowed = np.concatenate(
+            [allowed, np.broadcast_to(allowed.any(-1, keepdims=True), allowed.shape[:-1] + (pad,))], -1
+        )
+        weights = _softmax(scores, allowed, conv)[..., :tk]
+        allowed = allowed[..., :tk]
+    elif conv.kernel == "split_k_no_rescale" and tk > SPLIT and tq <= 16:
+        parts = [slice(j, j + SPLIT) for j in range(0, tk, SPLIT)]
+        local = [_softmax(scores[..., p], allowed[..., p], conv) for p in parts]
+        sums = []
+        for p in parts:  # each part's sum of exp(score - its own max)
+            masked = np.where(allowed[..., p], scores[..., p], -np.inf)
+            top = masked.max(-1, keepdims=True)
+            sums.append(np.exp(masked - np.where(np.isfinite(top), top, 0.0)).sum(-1, keepdims=True))
+        total = sum(sums)
+        weights = np.concatenate(
+            [w * l / np.where(total > 0, total, 1.0) for w, l in zip(local, sums, strict=True)], -1
+        )
+    else:
+        weights = _softmax(scores, allowed, conv)
     if conv.dropout and spec["dropout"] > 0:
         rng = rng if rng is not None else np.random.default_rng()
         keep = rng.random(weights.shape) >= spec["dropout"]

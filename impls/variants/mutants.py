@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mha_conformance.impls.adapter import ALL_DTYPES, Adapter, Prepared
-from mha_conformance.impls.variants.conventions import REFERENCE, Convention, attention
+from mha_conformance.impls.variants.conventions import KERNEL_BUGS, REFERENCE, Convention, attention
 
 
 def _numpy_dtype(dtype: str):
@@ -177,6 +177,67 @@ Float16FromBfloat16 = _narrowing(
     "mutant-f16-from-bf16-inputs",
     "a float16 call computed from bfloat16-rounded inputs and weights",
     ("float16", ("query", "key", "value", "w_", "b_"), "bfloat16"),
+)
+
+#: Kernels' shape-dependent bugs (``conventions.KERNEL_BUGS``): exact on every shape but their own,
+#: so the committed catalogue cannot see them and the kernel tier must (``--kernel-scale``).
+TailTileDropped = _mutant(
+    "TailTileDropped",
+    "mutant-tail-tile-dropped",
+    KERNEL_BUGS["tail_tile_dropped"],
+    kernel="tail_tile_dropped",
+)
+TailTileUnmasked = _mutant(
+    "TailTileUnmasked",
+    "mutant-tail-tile-unmasked",
+    KERNEL_BUGS["tail_tile_unmasked"],
+    kernel="tail_tile_unmasked",
+)
+PartialQueryTileOffset = _mutant(
+    "PartialQueryTileOffset",
+    "mutant-partial-query-tile-offset",
+    KERNEL_BUGS["partial_query_tile_offset"],
+    kernel="partial_query_tile_offset",
+)
+HeadDimPaddingGarbage = _mutant(
+    "HeadDimPaddingGarbage",
+    "mutant-head-dim-padding-garbage",
+    KERNEL_BUGS["head_dim_padding_garbage"],
+    kernel="head_dim_padding_garbage",
+)
+HeadDimTruncated = _mutant(
+    "HeadDimTruncated",
+    "mutant-head-dim-truncated",
+    KERNEL_BUGS["head_dim_truncated"],
+    kernel="head_dim_truncated",
+)
+SplitKNoRescale = _mutant(
+    "SplitKNoRescale",
+    "mutant-split-k-no-rescale",
+    KERNEL_BUGS["split_k_no_rescale"],
+    kernel="split_k_no_rescale",
+)
+WindowEdgeOffByOne = _mutant(
+    "WindowEdgeOffByOne",
+    "mutant-window-edge-off-by-one",
+    KERNEL_BUGS["window_edge_off_by_one"],
+    kernel="window_edge_off_by_one",
+)
+LengthEdgeOffByOne = _mutant(
+    "LengthEdgeOffByOne",
+    "mutant-length-edge-off-by-one",
+    KERNEL_BUGS["length_edge_off_by_one"],
+    kernel="length_edge_off_by_one",
+)
+KERNEL_MUTANTS: tuple[type[Correct], ...] = (
+    TailTileDropped,
+    TailTileUnmasked,
+    PartialQueryTileOffset,
+    HeadDimPaddingGarbage,
+    HeadDimTruncated,
+    SplitKNoRescale,
+    WindowEdgeOffByOne,
+    LengthEdgeOffByOne,
 )
 
 #: Every mutant, in the issue's order; ``Correct`` is the twin that must pass.

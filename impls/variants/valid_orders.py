@@ -13,10 +13,12 @@ Orders (``Order``):
 
 * matmul: ``fma`` (sequential fused multiply-add along K, one rounding a step, as an FMA GEMM
   micro-kernel), ``pairwise`` (a tree over K, as vectorised reductions), ``split4`` (K split in
-  four chunks summed sequentially, then the chunks added: split-K GEMMs);
+  four chunks summed sequentially, then the chunks added: split-K GEMMs), ``mma16`` (16 products
+  at a time summed wide, then accumulated in float32: tensor cores);
 * scale: on the scores, on ``q`` in the dtype, ``sqrt(scale)`` on ``q`` and ``k``, or folded
   into ``exp2`` with ``log2(e)`` (FlashAttention-2/3, Triton);
-* softmax: two-pass with division or reciprocal, or online over blocks of ``block`` keys;
+* softmax: two-pass with division or reciprocal, online over blocks of ``block`` keys, or split-K
+  (parts of ``block`` keys combined by their logsumexps);
 * backward: the stored weights, or recomputed from the logsumexp with ``D = rowsum(dO * O)``;
 * sums over tokens and kv groups in float32 or in the half dtype itself.
 
@@ -44,7 +46,7 @@ LOG2E = 1.4426950408889634
 class Order:
     matmul: str = "fma"
     scale: str = "scores"
-    softmax: str = "divide"  # "divide", "reciprocal" or "online"
+    softmax: str = "divide"  # "divide", "reciprocal", "online" or "split"
     block: int = 0
     backward: str = "stored"  # or "lse"
     sums: str = "float32"  # or "dtype"
@@ -92,16 +94,24 @@ class Arith:
         return total
 
     def mm(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """``x @ y`` (batched over leading axes) in the accumulation dtype."""
+        """``x @ y`` (batched over leading axes) in the accumulation dtype. ``fma`` and ``mma16``
+        run along K without forming every product at once (kernel-scale cases)."""
         x, y = self.a(x), self.a(y)
-        if self.order.matmul == "fma" and self.acc is F32:
-            total = np.zeros(np.broadcast_shapes(x.shape[:-1] + (1,), y.shape[:-2] + (1, y.shape[-1])), F64)
-            for i in range(x.shape[-1]):  # a product of two float32 is exact in float64
-                total = (total + x[..., :, i : i + 1].astype(F64) * y[..., i : i + 1, :].astype(F64)).astype(
-                    F32
-                )
-                total = total.astype(F64)
-            return total.astype(F32)
+        shape = np.broadcast_shapes(x.shape[:-1] + (1,), y.shape[:-2] + (1, y.shape[-1]))
+        if self.order.matmul == "fma":
+            total = np.zeros(shape, F64)
+            for i in range(x.shape[-1]):  # a product of two float32 is exact in float64: one rounding a step
+                total = total + x[..., :, i : i + 1].astype(F64) * y[..., i : i + 1, :].astype(F64)
+                total = total.astype(self.acc).astype(F64)
+            return total.astype(self.acc)
+        if self.order.matmul == "mma16":
+            # A tensor-core MMA: 16 products of K at a time summed wide (float64 here), then added
+            # to the accumulator in its dtype (float32 for the half types).
+            total = np.zeros(shape, self.acc)
+            for i in range(0, x.shape[-1], 16):
+                part = x[..., :, i : i + 16].astype(F64) @ y[..., i : i + 16, :].astype(F64)
+                total = (total.astype(F64) + part).astype(self.acc)
+            return total
         products = x[..., :, :, None] * y[..., None, :, :]
         return self.reduce(products, -2)
 
@@ -192,10 +202,11 @@ class Attention:
             s = self.capped * c
         if bias is not None:
             s = np.where(self.allowed, ar.a(s) + np.where(self.allowed, ar.a(bias), 0).astype(ar.acc), s)
-        if o.softmax != "online":
+        if o.softmax not in ("online", "split"):  # a fused kernel keeps its scores in registers
             s = ar.store(s)
         self.s, self.exp_scale = s, exp_scale
-        context = self._online(s, v) if o.softmax == "online" else self._two_pass(s, v)
+        softmax = {"online": self._online, "split": self._split}.get(o.softmax, self._two_pass)
+        context = softmax(s, v)
         self.context = _merge(context)
         return self.linear(self.context, "o") if spec["out_proj"] else self.context
 
@@ -240,6 +251,39 @@ class Attention:
         self.lse = np.where(total > 0, m * ar.a(self.unit) + log_total, 0).astype(ar.acc)
         self.w = None
         return ar.store(np.where(total > 0, acc / safe, 0))
+
+    def _split(self, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Split-K (FlashDecoding, FlashAttention's num_splits): the keys cut in parts of ``block``,
+        each part's softmax and output normalised on its own (kept in the accumulation dtype with
+        its logsumexp), then the parts combined by their logsumexps: ``O = sum_i exp(lse_i - lse) O_i``."""
+        ar, block = self.ar, self.ar.order.block
+        outs, lses = [], []
+        for j in range(0, s.shape[-1], block):
+            ok = self.allowed[..., j : j + block]
+            sj = np.where(ok, s[..., j : j + block], -np.inf)
+            top = sj.max(-1, keepdims=True)
+            base = np.where(np.isfinite(top), top, 0).astype(ar.acc)
+            p = np.where(ok, self._p(np.where(ok, sj - base, 0)), 0).astype(ar.acc)
+            total = ar.reduce(p, -1)[..., None]
+            safe = np.where(total > 0, total, 1)
+            outs.append(
+                np.where(total > 0, ar.mm(ar.store(p), v[..., j : j + block, :]) / safe, 0).astype(ar.acc)
+            )
+            log_total = np.log(safe.astype(F64)).astype(ar.acc)
+            lses.append(np.where(total > 0, base * ar.a(self.unit) + log_total, -np.inf).astype(ar.acc))
+        top = np.max(lses, axis=0)
+        base = np.where(np.isfinite(top), top, 0).astype(ar.acc)
+        weights = [
+            np.where(np.isfinite(lse), ar.exp(np.where(np.isfinite(lse), lse - base, 0)), 0) for lse in lses
+        ]
+        total = ar.reduce(np.stack(weights), 0, "sequential")
+        safe = np.where(total > 0, total, 1)
+        self.lse = np.where(total > 0, base + np.log(safe.astype(F64)).astype(ar.acc), 0).astype(ar.acc)
+        combined = ar.reduce(
+            np.stack([w / safe * o for w, o in zip(weights, outs, strict=True)]), 0, "sequential"
+        )
+        self.w = None
+        return ar.store(np.where(total > 0, combined, 0))
 
     def backward(self, d_out: np.ndarray) -> dict[str, np.ndarray]:
         ar, spec, t = self.ar, self.spec, self.t
@@ -358,3 +402,36 @@ OnlineFma = _valid(
 
 #: Every valid order the portability test runs.
 VALID_ORDERS: tuple[type[ValidOrder], ...] = (FmaReciprocalPrescale, Flash2Exp2, PairwiseHalfSums, OnlineFma)
+
+# The orders real kernels use at scale, run on the kernel tier (``vectors/kernels.py``): tensor-core
+# GEMMs (``mma16``), flash tiling of 64 and 128 keys, split-K decoding.
+Flash64Exp2 = _valid(
+    "Flash64Exp2",
+    "valid-flash64-exp2",
+    "FlashAttention-2 on tensor cores: online softmax over 64-key tiles, scale folded into exp2, GEMMs "
+    "16 products at a time accumulated in float32, backward from the logsumexp",
+    Order(matmul="mma16", scale="exp2", softmax="online", block=64, backward="lse"),
+)
+Flash128 = _valid(
+    "Flash128",
+    "valid-flash128",
+    "online softmax over 128-key tiles with the scale on the scores, tensor-core GEMMs, backward from the "
+    "logsumexp",
+    Order(matmul="mma16", scale="scores", softmax="online", block=128, backward="lse"),
+)
+SplitKLse = _valid(
+    "SplitKLse",
+    "valid-split-k-lse",
+    "split-K (FlashDecoding): keys in parts of 1024, each part normalised on its own, the parts combined "
+    "by their logsumexps; tensor-core GEMMs, backward from the logsumexp",
+    Order(matmul="mma16", scale="scores", softmax="split", block=1024, backward="lse"),
+)
+Mma16TwoPass = _valid(
+    "Mma16TwoPass",
+    "valid-mma16-two-pass",
+    "half-precision products accumulated in float32 16 at a time (cuBLAS on tensor cores), q pre-scaled "
+    "in the dtype, two-pass softmax, backward from the stored weights",
+    Order(matmul="mma16", scale="q", softmax="divide"),
+)
+#: The valid orders the kernel tier's evidence runs (docs/tolerance.md, at kernel scale).
+KERNEL_VALID_ORDERS: tuple[type[ValidOrder], ...] = (Flash64Exp2, Flash128, SplitKLse, Mma16TwoPass)
